@@ -1,0 +1,165 @@
+"""Featurized splits, length-bucketed batches bounded by total frames, rank sharding, and collation."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prune_cli.data.audio import load_audio
+from prune_cli.data.features import apply_cmvn, fbank
+from prune_cli.data.manifest import Utterance, read_any, split_path
+from prune_cli.data.tokenizer import EOS, Tokenizer
+from prune_cli.errors import DataError
+from prune_cli.progress import log, progress
+from prune_cli.recipe import Recipe
+from prune_cli.runs import atomic_torch_save
+
+IGNORE = -100
+
+
+@dataclass
+class Split:
+    """A split with its features computed once (fp16, before CMVN)."""
+
+    utts: list[Utterance]
+    feats: list[torch.Tensor]
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.utts)
+
+
+def read_split(recipe: Recipe, split: str) -> tuple[list[Utterance], list[str]]:
+    path = split_path(recipe.data.manifest_dir, recipe.data.kaldi_dir, split)
+    if not path.exists():
+        from prune_cli.errors import MissingInputError
+
+        raise MissingInputError(
+            f"{path}: manifest not found; build the demo corpus with `prune-cli data synth RECIPE` "
+            "or point data.manifest_dir / data.kaldi_dir at your data"
+        )
+    return read_any(path, recipe.data.defaults)
+
+
+def load_split(recipe: Recipe, split: str, cache: Path | None = None) -> Split:
+    """Read, validate and featurize a split. Bad utterances stop the run, or are skipped with data.on_error=skip."""
+    if cache is not None and cache.is_file():
+        try:
+            blob = torch.load(cache, weights_only=False)
+            return Split(blob["utts"], blob["feats"], blob["skipped"])
+        except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt, never trusted
+            cache.unlink(missing_ok=True)
+    utts, problems = read_split(recipe, split)
+    fail = recipe.data.on_error == "fail"
+    if problems and fail:
+        raise DataError(problems + [f"{len(problems)} problem(s) in the {split} manifest (data.on_error=skip skips them)"])
+    good: list[Utterance] = []
+    feats: list[torch.Tensor] = []
+    skipped = len(problems)
+    with progress(f"features {split}", total=len(utts)) as bar:
+        for u in utts:
+            try:
+                wav = load_audio(u.audio, recipe.data.sample_rate)
+            except DataError as e:
+                if fail:
+                    raise DataError(f"{u.where}: {e.problems[0]}") from None
+                skipped += 1
+                bar.advance()
+                continue
+            f = fbank(wav, recipe.data.sample_rate, recipe.features.n_mels)
+            if f.shape[0] < 8:
+                if fail:
+                    raise DataError(f"{u.where}: audio too short ({wav.shape[0]} samples)")
+                skipped += 1
+                bar.advance()
+                continue
+            good.append(u)
+            feats.append(f.to(torch.float16))
+            bar.advance()
+    if skipped:
+        log(f"{split}: skipped {skipped} bad utterance(s) (data.on_error=skip)")
+    if not good:
+        raise DataError(f"{split}: no usable utterances")
+    out = Split(good, feats, skipped)
+    if cache is not None:
+        atomic_torch_save(cache, {"utts": good, "feats": feats, "skipped": skipped})
+    return out
+
+
+def make_batches(
+    lengths: list[int], max_frames: int, seed: int, epoch: int, shuffle: bool = True
+) -> list[list[int]]:
+    """Sort by length, cut into batches whose padded size stays under `max_frames`, then shuffle batch order."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cur_max = 0
+    for i in order:
+        new_max = max(cur_max, lengths[i])
+        if cur and new_max * (len(cur) + 1) > max_frames:
+            batches.append(cur)
+            cur, new_max = [], lengths[i]
+        cur.append(i)
+        cur_max = new_max
+    if cur:
+        batches.append(cur)
+    if shuffle:
+        random.Random(seed * 7919 + epoch).shuffle(batches)
+    return batches
+
+
+def shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
+    """Each rank takes every world-th batch; the tail is trimmed so all ranks step together under DDP."""
+    if world == 1:
+        return batches
+    n = len(batches) // world * world
+    return batches[rank:n:world]
+
+
+@dataclass
+class Batch:
+    feats: torch.Tensor  # (B, T, F) normalized
+    feat_lens: torch.Tensor  # (B,)
+    dec_in: torch.Tensor  # (B, U) prompt + target tokens
+    dec_out: torch.Tensor  # (B, U) next-token labels, IGNORE on prompt/pad
+    ctc_targets: torch.Tensor  # (B, S) padded source transcript tokens
+    ctc_lens: torch.Tensor  # (B,) 0 where no source transcript is known
+    task: list[str]
+    source_lang: list[str]
+    target_lang: list[str]
+    speaker: list[str]
+    index: list[int]
+
+    def to(self, device: torch.device) -> "Batch":
+        for name in ("feats", "feat_lens", "dec_in", "dec_out", "ctc_targets", "ctc_lens"):
+            setattr(self, name, getattr(self, name).to(device, non_blocking=True))
+        return self
+
+
+def collate(
+    split: Split, idx: list[int], tok: Tokenizer, cmvn: dict[str, torch.Tensor], max_len: int
+) -> Batch:
+    feats = [apply_cmvn(split.feats[i].float(), cmvn) for i in idx]
+    lens = torch.tensor([f.shape[0] for f in feats])
+    x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+    seqs_in, seqs_out, ctc = [], [], []
+    for i in idx:
+        u = split.utts[i]
+        prompt = tok.prompt(u.task, u.source_lang, u.target_lang)
+        y = tok.encode(u.text)[: max_len - len(prompt) - 1]
+        seqs_in.append(torch.tensor(prompt + y))
+        seqs_out.append(torch.tensor([IGNORE] * (len(prompt) - 1) + y + [EOS]))
+        src = u.text if u.task == "asr" else (u.source_text or "")
+        ctc.append(torch.tensor(tok.encode(src) if src else [], dtype=torch.long))
+    dec_in = torch.nn.utils.rnn.pad_sequence(seqs_in, batch_first=True, padding_value=EOS)
+    dec_out = torch.nn.utils.rnn.pad_sequence(seqs_out, batch_first=True, padding_value=IGNORE)
+    ctc_lens = torch.tensor([len(c) for c in ctc])
+    ctc_targets = torch.nn.utils.rnn.pad_sequence(ctc, batch_first=True, padding_value=0) if ctc_lens.sum() else torch.zeros(len(idx), 1, dtype=torch.long)
+    us = [split.utts[i] for i in idx]
+    return Batch(
+        x, lens, dec_in, dec_out, ctc_targets, ctc_lens, [u.task for u in us], [u.source_lang for u in us],
+        [u.target_lang for u in us], [u.speaker for u in us], list(idx),
+    )

@@ -1,0 +1,167 @@
+"""Manifests: JSONL (NeMo-compatible names) and Kaldi/ESPnet data dirs, read into typed utterances.
+
+Problems are reported as `file:line: message`, one per line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from prune_cli.errors import DataError
+from prune_cli.recipe import LANGS, ContextDefaults
+
+TASKS = ("asr", "st")
+
+
+def context_key(task: str, source_lang: str, target_lang: str) -> str:
+    """Stable string key of a context: `asr:de`, `st:de-en`."""
+    return f"asr:{source_lang}" if task == "asr" else f"st:{source_lang}-{target_lang}"
+
+
+@dataclass(frozen=True)
+class Utterance:
+    utt_id: str
+    audio: Path
+    duration: float
+    text: str
+    task: str
+    source_lang: str
+    target_lang: str
+    speaker: str
+    source_text: str | None
+    where: str  # file:line, for error messages
+
+    @property
+    def context(self) -> str:
+        return context_key(self.task, self.source_lang, self.target_lang)
+
+
+def _context_problems(task: str, src: str, tgt: str) -> list[str]:
+    probs = []
+    if task not in TASKS:
+        probs.append(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
+    for name, lang in (("source_lang", src), ("target_lang", tgt)):
+        if lang not in LANGS:
+            probs.append(f"unknown {name} {lang!r} (expected one of {', '.join(LANGS)})")
+    if task == "asr" and src != tgt and src in LANGS and tgt in LANGS:
+        probs.append(f"asr utterance with source_lang {src!r} != target_lang {tgt!r}")
+    return probs
+
+
+def parse_row(row: object, where: str, base: Path, defaults: ContextDefaults) -> tuple[Utterance | None, list[str]]:
+    if not isinstance(row, dict):
+        return None, [f"{where}: expected a JSON object, got {type(row).__name__}"]
+    probs: list[str] = []
+    for key in ("audio_filepath", "text"):
+        if key not in row:
+            probs.append(f"{where}: missing required field {key!r}")
+    if probs:
+        return None, probs
+    text = row["text"]
+    if not isinstance(text, str) or not text.strip():
+        probs.append(f"{where}: empty or whitespace-only text")
+    task = row.get("task", defaults.task)
+    src = row.get("source_lang", defaults.source_lang)
+    tgt = row.get("target_lang") or defaults.target_lang or src
+    probs += [f"{where}: {p}" for p in _context_problems(task, src, tgt)]
+    duration = row.get("duration")
+    if duration is not None and (not isinstance(duration, (int, float)) or duration <= 0):
+        probs.append(f"{where}: bad duration {duration!r}")
+    audio = Path(row["audio_filepath"])
+    if not audio.is_absolute():
+        audio = base / audio
+    if probs:
+        return None, probs
+    utt = Utterance(
+        utt_id=str(row.get("utt_id") or row.get("id") or f"{Path(where.split(':')[0]).stem}-{where.rsplit(':', 1)[1]}"),
+        audio=audio, duration=float(duration or 0.0), text=" ".join(text.split()), task=task,
+        source_lang=src, target_lang=tgt, speaker=str(row.get("speaker", "unknown")),
+        source_text=row.get("source_text"), where=where,
+    )
+    return utt, []
+
+
+def read_jsonl(path: Path, defaults: ContextDefaults) -> tuple[list[Utterance], list[str]]:
+    """Parse a manifest. Returns the good utterances and one message per problem line."""
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found")
+    utts: list[Utterance] = []
+    problems: list[str] = []
+    base = path.resolve().parent
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{where}: invalid JSON: {e.msg} (column {e.colno})")
+                continue
+            utt, probs = parse_row(row, where, base, defaults)
+            problems += probs
+            if utt is not None:
+                utts.append(utt)
+    return utts, problems
+
+
+def _read_table(path: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = line.strip().split(maxsplit=1)
+        if parts:
+            out[parts[0]] = parts[1] if len(parts) > 1 else ""
+    return out
+
+
+def read_kaldi_dir(d: Path, defaults: ContextDefaults) -> tuple[list[Utterance], list[str]]:
+    """Kaldi/ESPnet data dir: wav.scp, text, utt2spk; optional utt2lang, utt2task, utt2tgtlang, text.src.
+
+    wav.scp entries must be plain paths (no pipes); they are resolved relative to the data dir.
+    """
+    wav_scp = d / "wav.scp"
+    if not wav_scp.is_file() or not (d / "text").is_file():
+        raise DataError(f"{d}: not a Kaldi data dir (needs wav.scp and text)")
+    wavs, texts = _read_table(wav_scp), _read_table(d / "text")
+    spk, lang, task, tgt = (_read_table(d / n) for n in ("utt2spk", "utt2lang", "utt2task", "utt2tgtlang"))
+    src_text = _read_table(d / "text.src")
+    durs = _read_table(d / "utt2dur")
+    utts: list[Utterance] = []
+    problems: list[str] = []
+    for lineno, (uid, wav) in enumerate(wavs.items(), 1):
+        where = f"{wav_scp}:{lineno}"
+        if wav.endswith("|"):
+            problems.append(f"{where}: piped wav.scp entries are not supported; convert to files first")
+            continue
+        if uid not in texts:
+            problems.append(f"{where}: utterance {uid} has no entry in text")
+            continue
+        row = {
+            "audio_filepath": wav, "text": texts[uid], "utt_id": uid, "speaker": spk.get(uid, "unknown"),
+            "task": task.get(uid, defaults.task), "source_lang": lang.get(uid, defaults.source_lang),
+        }
+        if uid in tgt:
+            row["target_lang"] = tgt[uid]
+        if uid in src_text:
+            row["source_text"] = src_text[uid]
+        if uid in durs:
+            row["duration"] = float(durs[uid])
+        utt, probs = parse_row(row, where, d.resolve(), defaults)
+        problems += probs
+        if utt is not None:
+            utts.append(utt)
+    return utts, problems
+
+
+def read_any(path: Path, defaults: ContextDefaults) -> tuple[list[Utterance], list[str]]:
+    return read_kaldi_dir(path, defaults) if path.is_dir() else read_jsonl(path, defaults)
+
+
+def split_path(manifest_dir: str, kaldi_dir: str | None, split: str) -> Path:
+    if kaldi_dir:
+        return Path(kaldi_dir) / split
+    return Path(manifest_dir) / f"{split}.jsonl"

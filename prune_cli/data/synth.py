@@ -1,0 +1,227 @@
+"""Demo corpus: multilingual spoken numbers from eSpeak NG (driven with ctypes), texts from num2words.
+
+Every random choice (numbers, splits, voices, rate, pitch, noise) is drawn up front from the recipe seed,
+so two builds with the same seed give identical manifests and identical audio bytes, however many workers run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from prune_cli.errors import DataError
+from prune_cli.recipe import SynthConfig
+from prune_cli.runs import atomic_write_text
+
+VOICE_VARIANTS = ("m1", "f1", "m3", "f3", "m7", "f4", "m2", "f2", "m4", "f5")
+ESPEAK_RATE, ESPEAK_PITCH = 1, 3
+AUDIO_OUTPUT_SYNCHRONOUS, POS_CHARACTER, CHARS_UTF8 = 2, 1, 1
+
+
+@dataclass
+class UttSpec:
+    utt_id: str
+    split: str
+    task: str
+    source_lang: str
+    target_lang: str
+    form: str
+    number: int
+    voice: str
+    rate: int
+    pitch: int
+    noise_seed: int
+
+
+def number_text(n: int, lang: str, form: str) -> str:
+    from num2words import num2words
+
+    to = {"cardinal": "cardinal", "ordinal": "ordinal", "year": "year"}[form]
+    text = num2words(n, lang=lang, to=to)
+    return " ".join(text.replace(",", " ").split())
+
+
+class ESpeak:
+    """Minimal ctypes binding to the libespeak-ng shipped in the espeakng-loader wheel."""
+
+    def __init__(self) -> None:
+        import espeakng_loader
+
+        data = espeakng_loader.get_data_path()
+        if len(data) > 150:  # espeak-ng keeps its data path in a 160-byte buffer
+            short = Path(tempfile.gettempdir()) / "prune-cli-espeak-data"
+            if not short.exists():
+                shutil.copytree(data, short)
+            data = str(short)
+        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self.lib.espeak_Synth.argtypes = [
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
+            ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
+        ]
+        self.sample_rate = self.lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, data.encode(), 0)
+        if self.sample_rate <= 0:
+            raise DataError(f"eSpeak NG failed to initialise with data at {data}")
+        self._chunks: list[np.ndarray] = []
+        proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+        self._cb = proto(self._collect)  # keep a reference: the library calls it
+        self.lib.espeak_SetSynthCallback(self._cb)
+
+    def _collect(self, wav, n, _events) -> int:  # noqa: ANN001 (ctypes types)
+        if n > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0
+
+    def synth(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise DataError(f"eSpeak NG has no voice {voice!r}")
+        self.lib.espeak_SetParameter(ESPEAK_RATE, rate, 0)
+        self.lib.espeak_SetParameter(ESPEAK_PITCH, pitch, 0)
+        self._chunks = []
+        data = text.encode()
+        self.lib.espeak_Synth(data, len(data) + 1, 0, POS_CHARACTER, 0, CHARS_UTF8, None, None)
+        self.lib.espeak_Synchronize()
+        if not self._chunks:
+            raise DataError(f"eSpeak NG produced no audio for {text!r}")
+        return np.concatenate(self._chunks)
+
+
+def _sample_number(rng: np.random.Generator, form: str, max_number: int) -> int:
+    if form == "year":
+        return int(rng.integers(1100, 2100))
+    if form == "ordinal":
+        return int(rng.integers(1, min(max_number, 1000) + 1))
+    # A mix of magnitudes, so short and long numbers are both common.
+    top = min(max_number, [99, 999, max_number][int(rng.choice(3, p=[0.25, 0.3, 0.45]))])
+    return int(rng.integers(0, top + 1))
+
+
+def plan_corpus(cfg: SynthConfig, seed: int) -> list[UttSpec]:
+    """Decide every utterance. Splits are by (form, number): test numbers never occur in train, in any language."""
+    rng = np.random.default_rng(seed)
+    contexts = [("asr", lang, lang) for lang in cfg.languages]
+    contexts += [("st", *pair.split("-")) for pair in cfg.st_pairs if pair.split("-")[0] in cfg.languages]
+    sizes = {"train": cfg.n_train, "dev": cfg.n_dev, "test": cfg.n_test}
+    owner: dict[tuple[str, int], str] = {}
+    specs: list[UttSpec] = []
+    # Held-out splits first, so their numbers are reserved before train draws.
+    for split in ("test", "dev", "train"):
+        per_ctx = [sizes[split] // len(contexts) + (1 if i < sizes[split] % len(contexts) else 0)
+                   for i in range(len(contexts))]
+        for (task, src, tgt), count in zip(contexts, per_ctx):
+            made = 0
+            attempts = 0
+            while made < count:
+                attempts += 1
+                if attempts > 200 * count + 1000:
+                    raise DataError(f"corpus plan: cannot find {count} unused numbers for {split}; raise max_number")
+                form = cfg.forms[int(rng.integers(len(cfg.forms)))]
+                n = _sample_number(rng, form, cfg.max_number)
+                if owner.setdefault((form, n), split) != split:
+                    continue
+                voices = VOICE_VARIANTS[: cfg.voices_per_lang]
+                variant = voices[int(rng.integers(len(voices)))]
+                specs.append(UttSpec(
+                    utt_id=f"{split}-{task}-{src}{tgt}-{made:05d}", split=split, task=task, source_lang=src,
+                    target_lang=tgt, form=form, number=n, voice=f"{src}+{variant}",
+                    rate=int(rng.integers(cfg.rate_range[0], cfg.rate_range[1] + 1)),
+                    pitch=int(rng.integers(cfg.pitch_range[0], cfg.pitch_range[1] + 1)),
+                    noise_seed=int(rng.integers(2**31)),
+                ))
+                made += 1
+    return specs
+
+
+_ENGINE: ESpeak | None = None
+
+
+def _render(args: tuple[UttSpec, str, int, float | None, str]) -> tuple[str, int]:
+    """Synthesize one utterance to disk; returns (utt_id, number of samples at the target rate)."""
+    import soundfile as sf
+    import torch
+    import torchaudio.functional as AF
+
+    spec, out_dir, sample_rate, snr_db, fmt = args
+    global _ENGINE
+    if _ENGINE is None:
+        torch.set_num_threads(1)
+        _ENGINE = ESpeak()
+    pcm = _ENGINE.synth(number_text(spec.number, spec.source_lang, spec.form), spec.voice, spec.rate, spec.pitch)
+    wav = torch.from_numpy(pcm.astype(np.float32) / 32768.0)
+    if _ENGINE.sample_rate != sample_rate:
+        wav = AF.resample(wav, _ENGINE.sample_rate, sample_rate)
+    audio = wav.numpy()
+    if snr_db is not None:
+        noise = np.random.default_rng(spec.noise_seed).standard_normal(audio.shape[0]).astype(np.float32)
+        p_sig = float(np.mean(audio**2)) + 1e-12
+        audio = audio + noise * np.sqrt(p_sig / (10 ** (snr_db / 10)))
+    audio = np.clip(audio, -1.0, 1.0)
+    path = Path(out_dir) / spec.split / f"{spec.utt_id}.{fmt}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp.{fmt}")
+    sf.write(tmp, audio, sample_rate, subtype="PCM_16", format=fmt.upper())
+    os.replace(tmp, path)
+    return spec.utt_id, int(audio.shape[0])
+
+
+def build_corpus(
+    cfg: SynthConfig, manifest_dir: Path, sample_rate: int, seed: int, progress_cb=None  # noqa: ANN001
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Render the corpus and write manifests. Returns {split: {context_key: {utts, hours}}}."""
+    from prune_cli.data.manifest import context_key
+
+    specs = plan_corpus(cfg, seed)
+    out_dir = Path(cfg.out_dir).resolve()
+    jobs = [(s, str(out_dir), sample_rate, cfg.snr_db, cfg.audio_format) for s in specs]
+    n_samples: dict[str, int] = {}
+    workers = max(1, min(cfg.workers, os.cpu_count() or 1))
+    if workers == 1:
+        for job in jobs:
+            uid, n = _render(job)
+            n_samples[uid] = n
+            if progress_cb:
+                progress_cb(1)
+    else:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for uid, n in pool.imap_unordered(_render, jobs, chunksize=32):
+                n_samples[uid] = n
+                if progress_cb:
+                    progress_cb(1)
+    manifest_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for split in ("train", "dev", "test"):
+        rows = []
+        for s in (s for s in specs if s.split == split):
+            audio = out_dir / split / f"{s.utt_id}.{cfg.audio_format}"
+            duration = round(n_samples[s.utt_id] / sample_rate, 4)
+            source_text = number_text(s.number, s.source_lang, s.form)
+            rows.append({
+                "audio_filepath": os.path.relpath(audio, manifest_dir.resolve()),
+                "duration": duration,
+                "text": number_text(s.number, s.target_lang, s.form) if s.task == "st" else source_text,
+                "source_text": source_text,
+                "task": s.task,
+                "source_lang": s.source_lang,
+                "target_lang": s.target_lang,
+                "speaker": s.voice,
+                "utt_id": s.utt_id,
+                "meta": {k: v for k, v in asdict(s).items() if k in ("form", "number", "rate", "pitch")},
+            })
+            key = context_key(s.task, s.source_lang, s.target_lang)
+            entry = summary.setdefault(split, {}).setdefault(key, {"utts": 0, "hours": 0.0})
+            entry["utts"] += 1
+            entry["hours"] += duration / 3600
+        atomic_write_text(manifest_dir / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return summary
+
+
+def count_contexts(specs: list[UttSpec]) -> Counter:
+    return Counter((s.split, s.task, s.source_lang, s.target_lang) for s in specs)

@@ -1,0 +1,152 @@
+"""Stage `eval`: decode every context with every variant; WER/CER (jiwer) for ASR, BLEU/chrF (sacrebleu) for ST."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Sequence
+
+import jiwer
+import torch
+from sacrebleu.metrics import BLEU, CHRF
+
+from prune_cli.data.batching import Split
+from prune_cli.data.features import apply_cmvn
+from prune_cli.engine.masking import group_by_pattern, utterance_patterns
+from prune_cli.engine.session import Session
+from prune_cli.gating.masks import MaskFile
+from prune_cli.model.decoding import DecodeOptions, decode
+from prune_cli.model.s2t import SpeechModel
+from prune_cli.progress import progress
+from prune_cli.runs import atomic_write_json, atomic_write_text
+
+NORMALIZATION = "lowercase; punctuation except apostrophes and hyphens removed; whitespace collapsed"
+_PUNCT = re.compile(r"[^\w\s'\-]", re.UNICODE)
+
+
+def normalize(text: str) -> str:
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def asr_scores(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
+    """Corpus WER/CER in percent on normalized text."""
+    r = [normalize(t) for t in refs]
+    h = [normalize(t) for t in hyps]
+    return {"wer": 100.0 * jiwer.wer(r, h), "cer": 100.0 * jiwer.cer(r, h)}
+
+
+def st_scores(refs: Sequence[str], hyps: Sequence[str]) -> tuple[dict[str, float], dict[str, str]]:
+    """Corpus BLEU and chrF (sacrebleu defaults) on the raw detokenized text, with signatures."""
+    bleu, chrf = BLEU(), CHRF()
+    b = bleu.corpus_score(list(hyps), [list(refs)])
+    c = chrf.corpus_score(list(hyps), [list(refs)])
+    return {"bleu": b.score, "chrf": c.score}, {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature())}
+
+
+def utterance_score(task: str, ref: str, hyp: str) -> dict[str, float]:
+    if task == "asr":
+        return asr_scores([ref], [hyp])
+    bleu, chrf = BLEU(effective_order=True), CHRF()
+    return {"bleu": bleu.sentence_score(hyp, [ref]).score, "chrf": chrf.sentence_score(hyp, [ref]).score}
+
+
+def decode_split(
+    s: Session, model: SpeechModel, split: Split, idx: Sequence[int], patterns: Sequence, opts: DecodeOptions,
+    batch_size: int, bar=None,  # noqa: ANN001
+) -> dict[int, str]:
+    """Hypothesis text per utterance index, batching within (context, mask pattern) groups."""
+    tok = s.tokenizer
+    hyps: dict[int, str] = {}
+    for (_, pattern), members in group_by_pattern(split, idx, patterns).items():
+        members = sorted(members, key=lambda i: split.feats[i].shape[0])
+        u0 = split.utts[members[0]]
+        prompt = tok.prompt(u0.task, u0.source_lang, u0.target_lang)
+        for start in range(0, len(members), batch_size):
+            chunk = members[start : start + batch_size]
+            feats = [apply_cmvn(split.feats[i].float(), s.cmvn) for i in chunk]
+            lens = torch.tensor([f.shape[0] for f in feats], device=s.device)
+            x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(s.device)
+            for i, ids in zip(chunk, decode(model, x, lens, prompt, pattern, opts)):
+                hyps[i] = tok.decode(ids)
+            if bar is not None:
+                bar.advance(len(chunk))
+    return hyps
+
+
+def select_subset(split: Split, cap: int | None) -> list[int]:
+    seen: dict[str, int] = {}
+    out = []
+    for i, u in enumerate(split.utts):
+        if cap is None or seen.get(u.context, 0) < cap:
+            seen[u.context] = seen.get(u.context, 0) + 1
+            out.append(i)
+    return out
+
+
+def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None = None) -> dict[str, Any]:
+    cfg = s.recipe.eval
+    model = s.base_model()
+    masks: MaskFile | None = s.masks(model) if any(v != "dense" for v in variants) else None
+    split = s.split(cfg.split)
+    idx = [i for i in select_subset(split, s.recipe.data.max_utts_per_context)
+           if contexts is None or split.utts[i].context in contexts]
+    opts = DecodeOptions(cfg.beam_size, cfg.length_penalty, cfg.max_len_ratio)
+    out_dir = s.run.path / "eval"
+    summary: dict[str, Any] = {"variants": {}, "signatures": {}, "normalization": NORMALIZATION,
+                               "split": cfg.split, "decoding": vars(opts)}
+    rows: list[dict[str, Any]] = []
+    with progress("eval", total=len(idx) * len(variants)) as bar:
+        for variant in variants:
+            patterns = utterance_patterns(s, variant, model, split, idx, masks)
+            hyps = decode_split(s, model, split, idx, patterns, opts, cfg.batch_size, bar)
+            by_ctx: dict[str, list[int]] = {}
+            for i in idx:
+                by_ctx.setdefault(split.utts[i].context, []).append(i)
+            res: dict[str, Any] = {}
+            for ctx in sorted(by_ctx):
+                members = by_ctx[ctx]
+                refs = [split.utts[i].text for i in members]
+                hs = [hyps[i] for i in members]
+                task = split.utts[members[0]].task
+                if task == "asr":
+                    scores = asr_scores(refs, hs)
+                else:
+                    scores, sigs = st_scores(refs, hs)
+                    summary["signatures"] = sigs
+                res[ctx] = {"n": len(members), **{k: round(v, 3) for k, v in scores.items()}}
+                name = ctx.replace(":", "_")
+                atomic_write_text(out_dir / variant / f"{name}.hyp", "".join(h + "\n" for h in hs))
+                atomic_write_text(out_dir / variant / f"{name}.ref", "".join(r + "\n" for r in refs))
+                for i, r, h in zip(members, refs, hs):
+                    rows.append({"variant": variant, "utt_id": split.utts[i].utt_id, "context": ctx, "ref": r, "hyp": h,
+                                 **{k: round(v, 3) for k, v in utterance_score(task, r, h).items()}})
+            summary["variants"][variant] = res
+    summary["averages"] = averages(summary["variants"])
+    atomic_write_text(out_dir / "utterances.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def averages(variants: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Unweighted mean over contexts of each metric, per variant."""
+    out: dict[str, dict[str, float]] = {}
+    for v, table in variants.items():
+        acc: dict[str, list[float]] = {}
+        for scores in table.values():
+            for k, val in scores.items():
+                if k != "n":
+                    acc.setdefault(k, []).append(val)
+        out[v] = {k: round(sum(vals) / len(vals), 3) for k, vals in acc.items()}
+    return out
+
+
+def quality_gate(summary: dict[str, Any], max_wer: float | None, min_bleu: float | None) -> list[str]:
+    """One line per context that misses a threshold."""
+    fails = []
+    for v, table in summary["variants"].items():
+        for ctx, sc in table.items():
+            if max_wer is not None and "wer" in sc and sc["wer"] > max_wer:
+                fails.append(f"{v} {ctx}: WER {sc['wer']:.2f} > --max-wer {max_wer}")
+            if min_bleu is not None and "bleu" in sc and sc["bleu"] < min_bleu:
+                fails.append(f"{v} {ctx}: BLEU {sc['bleu']:.2f} < --min-bleu {min_bleu}")
+    return fails

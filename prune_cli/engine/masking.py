@@ -1,0 +1,69 @@
+"""Turning predictors and mask files into keep patterns, and grouping utterances by pattern for batched inference."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Sequence
+
+import torch
+
+from prune_cli.data.batching import Split
+from prune_cli.data.features import apply_cmvn
+from prune_cli.engine.session import Session
+from prune_cli.gating.masks import MaskFile
+from prune_cli.gating.predictor import ContextInputs, GatePredictor, deterministic_gates
+from prune_cli.gating.sparsity import SparsitySpec
+from prune_cli.model.s2t import SpeechModel
+
+Keep = tuple[bool, ...]
+
+
+@torch.no_grad()
+def predict_keep(
+    s: Session, predictor: GatePredictor, spec: SparsitySpec, split: Split, idx: Sequence[int], speakers: list[str]
+) -> list[Keep]:
+    """Deterministic keep pattern per utterance (inference path: argmax, no noise)."""
+    out: list[Keep] = []
+    for start in range(0, len(idx), 256):
+        chunk = list(idx[start : start + 256])
+        feats = [apply_cmvn(split.feats[i].float(), s.cmvn) for i in chunk]
+        lens = torch.tensor([f.shape[0] for f in feats], device=s.device)
+        x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(s.device)
+        us = [split.utts[i] for i in chunk]
+        ctx = ContextInputs.build([u.task for u in us], [u.source_lang for u in us], [u.target_lang for u in us],
+                                  [u.speaker for u in us], x, lens, speakers)
+        keep = spec.force_ungated(deterministic_gates(predictor(ctx))).bool().cpu()
+        out += [tuple(row.tolist()) for row in keep]
+    return out
+
+
+def utterance_patterns(
+    s: Session, variant: str, model: SpeechModel, split: Split, idx: Sequence[int], masks: MaskFile | None
+) -> list[Keep | None]:
+    """Keep pattern of each utterance for a variant (None = dense). Per-utterance predictors are re-run."""
+    if variant == "dense":
+        return [None] * len(idx)
+    assert masks is not None
+    if variant == "context" and masks.per_utterance:
+        pred = s.predictor("context")
+        spec = spec_from_masks(model, masks)
+        return predict_keep(s, pred, spec, split, idx, masks.meta["speakers"])
+    return [masks.keep(variant, split.utts[i].context) for i in idx]
+
+
+def spec_from_masks(model: SpeechModel, masks: MaskFile) -> SparsitySpec:
+    targets = masks.meta.get("targets", {})
+    scope = "both" if len(targets) == 2 else next(iter(targets), "decoder")
+    return SparsitySpec.build(model.modules_list, scope, {"encoder": 0.0, "decoder": 0.0} | targets, None)
+
+
+def group_by_pattern(split: Split, idx: Sequence[int], patterns: Sequence[Keep | None]) -> dict[tuple[str, Keep | None], list[int]]:
+    """(context, pattern) -> utterance indices: each group decodes as batches with one prompt and one mask."""
+    groups: dict[tuple[str, Keep | None], list[int]] = defaultdict(list)
+    for i, p in zip(idx, patterns):
+        groups[(split.utts[i].context, p)].append(i)
+    return dict(groups)
+
+
+def mode_pattern(patterns: Sequence[Keep]) -> Keep:
+    return Counter(patterns).most_common(1)[0][0]

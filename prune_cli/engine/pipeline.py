@@ -1,0 +1,282 @@
+"""Stages chained: resumable `run`, parameter sweeps, and reproducibility checks against another run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from prune_cli.data.synth import build_corpus
+from prune_cli.engine.session import Session
+from prune_cli.errors import UsageError
+from prune_cli.progress import log, progress
+from prune_cli.recipe import Recipe, apply_overrides, build_recipe, parse_override
+from prune_cli.runs import STAGES, RunDir, atomic_write_json
+
+
+# ---------------------------------------------------------------- stages
+
+
+def corpus_hash(r: Recipe) -> str:
+    return r.section_hash("seed", "data")[:16]
+
+
+def corpus_ready(r: Recipe) -> bool:
+    marker = Path(r.data.manifest_dir) / "corpus.json"
+    try:
+        return json.loads(marker.read_text()).get("hash") == corpus_hash(r)
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def stage_synth(s: Session) -> dict[str, Any]:
+    return synthesize(s.recipe)
+
+
+def synthesize(r: Recipe) -> dict[str, Any]:
+    if r.data.kaldi_dir:
+        raise UsageError("data synth: this recipe reads a Kaldi data dir (data.kaldi_dir); there is nothing to synthesize")
+    cfg = r.data.synth
+    total = cfg.n_train + cfg.n_dev + cfg.n_test
+    with progress("synth", total=total) as bar:
+        summary = build_corpus(cfg, Path(r.data.manifest_dir), r.data.sample_rate, r.seed, bar.advance)
+    atomic_write_json(Path(r.data.manifest_dir) / "corpus.json", {"hash": corpus_hash(r), "summary": summary})
+    return summary
+
+
+def stage_base(s: Session) -> dict[str, Any]:
+    from prune_cli.engine.train import train_base
+
+    _fresh_if_changed(s, "base", ["base"])
+    return train_base(s)
+
+
+def stage_gates(s: Session) -> dict[str, Any]:
+    from prune_cli.engine.train import train_gates
+
+    _fresh_if_changed(s, "gates", ["gates", "static"])
+    return train_gates(s)
+
+
+def stage_prune(s: Session, materialize: bool | None = None) -> dict[str, Any]:
+    from prune_cli.engine.prune import export_masks, kept_summary, materialize as write_pruned, plot_heatmap
+
+    mf = export_masks(s)
+    for v in mf.variants:
+        plot_heatmap(mf, s.run.path / "plots" / f"masks_{v}.png", v)
+    out: dict[str, Any] = {"masks": str(s.run.masks), "kept": kept_summary(mf), "stats": mf.stats,
+                           "per_utterance": mf.per_utterance}
+    if materialize if materialize is not None else s.recipe.prune.materialize:
+        out["materialized"] = write_pruned(s, mf)
+    atomic_write_json(s.run.path / "prune" / "summary.json", out)
+    return out
+
+
+def stage_eval(s: Session, variants: list[str] | None = None, contexts: list[str] | None = None) -> dict[str, Any]:
+    from prune_cli.engine.evaluate import evaluate
+
+    return evaluate(s, variants or s.recipe.eval.variants, contexts)
+
+
+def stage_profile(s: Session, variants: list[str] | None = None) -> dict[str, Any]:
+    from prune_cli.engine.profile import profile
+    from prune_cli.report import plot_cost
+
+    summary = profile(s, variants or s.recipe.profile.variants)
+    plot_cost(summary, s.run.path / "plots" / "cost.png")
+    return summary
+
+
+def _fresh_if_changed(s: Session, stage: str, loop_names: list[str]) -> None:
+    """A training loop resumes only from checkpoints made with the same config; otherwise it starts over."""
+    h = s.run.stage_hash(stage)
+    for name in loop_names:
+        d = s.run.checkpoints / name
+        stamp = d / "config_hash"
+        if d.exists() and (not stamp.is_file() or stamp.read_text().strip() != h):
+            log(f"{name}: checkpoints were made with a different config; starting over")
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(h)
+
+
+STAGE_FUNCS: dict[str, Callable[[Session], dict[str, Any]]] = {
+    "synth": stage_synth, "base": stage_base, "gates": stage_gates, "prune": stage_prune, "eval": stage_eval,
+    "profile": stage_profile,
+}
+
+
+def reset_stage(s: Session, stage: str) -> None:
+    """--force: forget a stage's outputs so it is redone from scratch (and, through hashes, what follows)."""
+    s.run.invalidate(stage)
+    if stage == "synth":
+        (Path(s.recipe.data.manifest_dir) / "corpus.json").unlink(missing_ok=True)
+    if stage == "base":
+        for p in (s.run.checkpoints / "base", s.run.tokenizer_dir, s.run.cmvn, s.run.base_ckpt):
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    if stage == "gates":
+        for p in (s.run.checkpoints / "gates", s.run.checkpoints / "static", s.run.gates_ckpt,
+                  s.run.checkpoints / "static.pt"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def is_complete(s: Session, stage: str) -> bool:
+    if stage == "synth":
+        return bool(s.recipe.data.kaldi_dir) or corpus_ready(s.recipe)
+    return s.run.stage_complete(stage)
+
+
+def run_stages(s: Session, stages: list[str], force: list[str], recipe_path: str, overrides: list[str]) -> dict[str, Any]:
+    from prune_cli.report import write_report
+
+    results: dict[str, Any] = {}
+    forced_from = min((STAGES.index(f) for f in force), default=len(STAGES))
+    for stage in stages:
+        if STAGES.index(stage) >= forced_from and stage in STAGE_FUNCS:
+            reset_stage(s, stage)
+        if stage == "report":
+            results["report"] = str(write_report(s.run.path, recipe_path, overrides))
+            continue
+        if is_complete(s, stage):
+            log(f"[{stage}] up to date, skipped (use --force {stage} to redo it)")
+            results[stage] = "skipped"
+            continue
+        log(f"[{stage}] running")
+        results[stage] = STAGE_FUNCS[stage](s)
+        if stage != "synth":
+            s.run.mark_complete(stage)
+    return results
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+def parse_sweep(text: str) -> tuple[str, list[str]]:
+    if "=" not in text:
+        raise UsageError(f"--sweep {text!r}: expected key.path=v1,v2,...")
+    key, values = text.split("=", 1)
+    vals = [v for v in values.split(",") if v != ""]
+    if len(vals) < 1:
+        raise UsageError(f"--sweep {text!r}: no values")
+    return key, vals
+
+
+def sweep(
+    parent: Session, raw: dict[str, Any], key: str, values: list[str], make_session: Callable[[Recipe, Path], Session],
+    recipe_path: str, overrides: list[str],
+) -> dict[str, Any]:
+    """Shared base, then gates -> prune -> eval -> profile for each value; a table and a Pareto plot."""
+    run_stages(parent, ["synth", "base"], [], recipe_path, overrides)
+    rows = []
+    for value in values:
+        sub_over = [*overrides, f"{key}={value}"]
+        child_recipe = build_recipe(apply_overrides(raw, sub_over), recipe_path)
+        child = make_session(child_recipe, parent.run.path / "sweep" / f"{key}={value}")
+        child.run.prepare(str(child.device))
+        _share_base(parent.run, child.run)
+        log(f"[sweep] {key}={value}")
+        run_stages(child, ["base", "gates", "prune", "eval", "profile", "report"], [], recipe_path, sub_over)
+        rows.append(_sweep_row(child.run.path, key, parse_override(f"{key}={value}")[1]))
+    out = {"key": key, "rows": rows}
+    atomic_write_json(parent.run.path / "sweep" / "summary.json", out)
+    plot_pareto(rows, parent.run.path / "plots" / "pareto.png", key)
+    return out
+
+
+def _share_base(parent: RunDir, child: RunDir) -> None:
+    """Link the parent's base outputs into the child when the base config is identical."""
+    if parent.stage_hash("base") != child.stage_hash("base") or not parent.stage_complete("base"):
+        return
+    for rel in ("checkpoints/base.pt", "cmvn.pt", "tokenizer/tokenizer.json", "tokenizer/spm.model"):
+        src, dst = parent.path / rel, child.path / rel
+        if src.is_file() and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(src, dst)
+    for cache in (parent.path / "cache").glob("*.pt"):
+        dst = child.path / "cache" / cache.name
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(cache, dst)
+    child.mark_complete("base", {"shared_from": str(parent.path)})
+
+
+def _sweep_row(run_dir: Path, key: str, value: Any) -> dict[str, Any]:
+    ev = json.loads((run_dir / "eval" / "summary.json").read_text())
+    pr = json.loads((run_dir / "profile" / "summary.json").read_text())
+    row: dict[str, Any] = {"value": value, "run_dir": str(run_dir)}
+    for v, avg in ev["averages"].items():
+        row[v] = {**avg, "flops": pr["variants"].get(v, {}).get("flops", {}).get("total"),
+                  "latency_ms": pr["variants"].get(v, {}).get("latency_ms", {}).get("median"),
+                  "flops_ratio": pr["ratios"].get(v, {}).get("flops", 1.0),
+                  "latency_ratio": pr["ratios"].get(v, {}).get("latency", 1.0),
+                  "sparsity": pr["variants"].get(v, {}).get("sparsity", 0.0)}
+    return row
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: Path, key: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ci, cost in enumerate(("flops_ratio", "latency_ratio")):
+        for ri, metric in enumerate(("wer", "bleu")):
+            ax = axes[ri][ci]
+            for variant, marker in (("dense", "s"), ("context", "o"), ("static", "^")):
+                pts = [(r[variant][cost], r[variant].get(metric)) for r in rows if variant in r and r[variant].get(metric) is not None]
+                if pts:
+                    xs, ys = zip(*sorted(pts))
+                    ax.plot(xs, ys, marker=marker, label=variant)
+            ax.set_xlabel(f"{cost.replace('_', ' ')} (pruned/dense)")
+            ax.set_ylabel(f"avg {metric.upper()}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"quality vs cost, sweep over {key}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- reproducibility
+
+
+def check_against(run_dir: Path, other: Path, tol: dict[str, float]) -> list[str]:
+    """Differences beyond tolerance between two runs' eval summaries and masks, one line each."""
+    problems: list[str] = []
+    for rel in ("eval/summary.json", "masks.json"):
+        for d in (run_dir, other):
+            if not (d / rel).is_file():
+                problems.append(f"{d / rel}: missing")
+    if problems:
+        return problems
+    a = json.loads((run_dir / "eval" / "summary.json").read_text())
+    b = json.loads((other / "eval" / "summary.json").read_text())
+    for v in sorted(set(a["variants"]) | set(b["variants"])):
+        ta, tb = a["variants"].get(v, {}), b["variants"].get(v, {})
+        for ctx in sorted(set(ta) | set(tb)):
+            if ctx not in ta or ctx not in tb:
+                problems.append(f"eval {v} {ctx}: present in only one run")
+                continue
+            for m in sorted(set(ta[ctx]) | set(tb[ctx])):
+                if m == "n":
+                    if ta[ctx].get("n") != tb[ctx].get("n"):
+                        problems.append(f"eval {v} {ctx}: n {ta[ctx].get('n')} != {tb[ctx].get('n')}")
+                    continue
+                x, y = ta[ctx].get(m), tb[ctx].get(m)
+                if x is None or y is None or abs(x - y) > tol.get(m, 0.0):
+                    problems.append(f"eval {v} {ctx} {m}: {x} vs {y} (tolerance {tol.get(m, 0.0)})")
+    ma = json.loads((run_dir / "masks.json").read_text())
+    mb = json.loads((other / "masks.json").read_text())
+    if ma["modules"] != mb["modules"]:
+        problems.append("masks: different module lists")
+    for v in sorted(set(ma["variants"]) | set(mb["variants"])):
+        for ctx in sorted(set(ma["variants"].get(v, {})) | set(mb["variants"].get(v, {}))):
+            x, y = ma["variants"].get(v, {}).get(ctx), mb["variants"].get(v, {}).get(ctx)
+            if x != y:
+                diff = "missing" if x is None or y is None else f"{sum(p != q for p, q in zip(x, y))} module(s) differ"
+                problems.append(f"masks {v} {ctx}: {diff}")
+    return problems

@@ -1,0 +1,223 @@
+"""Stage `profile`: FLOPs (FlopCounterMode) and latency (CUDA events / perf_counter) of dense vs masked variants.
+
+Latency runs interleave the variants (A B C A B C ...) so machine drift cancels in the pruned/dense ratios,
+which are computed from medians measured in the same run.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+import torch
+
+from prune_cli.data.batching import Split
+from prune_cli.data.features import apply_cmvn
+from prune_cli.engine.session import Session
+from prune_cli.model.decoding import DecodeOptions, decode
+from prune_cli.model.flops import count_flops, stable_name
+from prune_cli.model.s2t import SpeechModel
+from prune_cli.progress import log, progress
+from prune_cli.runs import atomic_write_json
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def stats_ms(samples: Sequence[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(samples), 4), "p90": round(percentile(samples, 0.9), 4),
+        "mean": round(statistics.fmean(samples), 4),
+        "stdev": round(statistics.stdev(samples), 4) if len(samples) > 1 else 0.0, "n": len(samples),
+    }
+
+
+class Timer:
+    """Milliseconds for one call: CUDA events with synchronize on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return float(start.elapsed_time(end))
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1000.0
+
+
+def measure_interleaved(
+    calls: dict[str, Callable[[], object]], timer: Timer, warmup: int, repeats: int, rotate: int = 0
+) -> dict[str, list[float]]:
+    """Warm up each call, then time them in turn (A B C A B C ...), starting at offset `rotate`; samples in ms."""
+    names = list(calls)
+    names = names[rotate % len(names):] + names[: rotate % len(names)]
+    for name in names:
+        for _ in range(warmup):
+            calls[name]()
+    samples: dict[str, list[float]] = defaultdict(list)
+    for _ in range(repeats):
+        for name in names:
+            samples[name].append(timer(calls[name]))
+    return dict(samples)
+
+
+def _batch(s: Session, split: Split, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    feats = [apply_cmvn(split.feats[i].float(), s.cmvn) for i in idx]
+    lens = torch.tensor([f.shape[0] for f in feats], device=s.device)
+    return torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(s.device), lens
+
+
+def _kind_of(fqn: str) -> str | None:
+    name = stable_name(fqn)
+    if name is None:
+        return None
+    part, _, kind = name.split(".")
+    return f"{part}.{kind}"
+
+
+def variant_flops(s: Session, model: SpeechModel, split: Split, groups: dict[str, list[int]],
+                  keep_of: dict[str, tuple[bool, ...] | None], opts: DecodeOptions) -> dict[str, Any]:
+    """Encoder forward + the full autoregressive decode at its real output lengths, summed over contexts."""
+    tok = s.tokenizer
+    total = enc = dec = 0
+    kinds: dict[str, int] = defaultdict(int)
+    uncounted: dict[str, int] = defaultdict(int)
+    out_tokens = 0
+    for ctx, idx in groups.items():
+        x, lens = _batch(s, split, idx)
+        u = split.utts[idx[0]]
+        prompt = tok.prompt(u.task, u.source_lang, u.target_lang)
+        result: list[list[int]] = []
+        rep = count_flops(lambda: result.extend(decode(model, x, lens, prompt, keep_of[ctx], opts)))
+        out_tokens += sum(len(r) + 1 for r in result)
+        total += rep.total
+        enc += rep.by_module.get("encoder", 0)
+        dec += rep.by_module.get("decoder", 0)
+        for fqn, f in rep.by_module.items():
+            k = _kind_of(fqn)
+            if k:
+                kinds[k] += f
+        for op, n in rep.uncounted_ops.items():
+            uncounted[op] += n
+    return {"total": total, "encoder": enc, "decoder": dec, "other": total - enc - dec, "by_kind": dict(kinds),
+            "output_tokens": out_tokens, "uncounted_ops": dict(uncounted)}
+
+
+def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
+    cfg = s.recipe.profile
+    if s.device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    model = s.base_model()
+    masks = s.masks(model) if any(v != "dense" for v in variants) else None
+    split = s.split(s.recipe.eval.split)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, u in enumerate(split.utts):
+        if (cfg.contexts is None or u.context in cfg.contexts) and len(groups[u.context]) < cfg.utts_per_context:
+            groups[u.context].append(i)
+    groups = dict(sorted(groups.items()))
+    contexts = list(groups)
+    opts = DecodeOptions(1, 0.0, s.recipe.eval.max_len_ratio)
+    # One pattern per context; with per-utterance gates that is each context's most frequent pattern.
+    keep = {v: {c: None if v == "dense" else masks.keep(v, c) for c in contexts} for v in variants}
+
+    summary: dict[str, Any] = {"device": _device_name(s.device), "threads": torch.get_num_threads(),
+                               "flops_unit": "FLOPs (a multiply-add counts 2)", "variants": {}, "ratios": {},
+                               "latency": {}, "contexts": contexts}
+    with progress("profile flops", total=len(variants)) as bar:
+        for v in variants:
+            summary["variants"][v] = {"flops": variant_flops(s, model, split, groups, keep[v], opts)}
+            bar.advance()
+
+    # Latency: batch of `bs` utterances of one context per call, rotating contexts over repeats.
+    timer = Timer(s.device)
+    lat: dict[str, dict[str, dict[str, dict[str, float]]]] = defaultdict(lambda: defaultdict(dict))
+    tok = s.tokenizer
+    with progress("profile latency", total=len(cfg.batch_sizes) * 2) as bar:
+        for bs in cfg.batch_sizes:
+            for part in ("encoder", "e2e"):
+                samples: dict[str, list[float]] = defaultdict(list)
+                for rep in range(cfg.repeats):
+                    ctx = contexts[rep % len(contexts)]
+                    pool = groups[ctx]
+                    idx = [pool[k % len(pool)] for k in range(bs)]
+                    x, lens = _batch(s, split, idx)
+                    u = split.utts[idx[0]]
+                    prompt = tok.prompt(u.task, u.source_lang, u.target_lang)
+                    calls = {}
+                    for v in variants:
+                        k = keep[v][ctx]
+                        if part == "encoder":
+                            calls[v] = (lambda k=k: model.encode(x, lens, k))
+                        else:
+                            calls[v] = (lambda k=k: decode(model, x, lens, prompt, k, opts))
+                    with torch.inference_mode():
+                        # Each new batch shape is warmed for every variant; the order rotates so no variant
+                        # is always first after a shape change.
+                        res = measure_interleaved(calls, timer, cfg.warmup if rep == 0 else 1, 1, rotate=rep)
+                    for v, xs in res.items():
+                        samples[v] += xs
+                for v in variants:
+                    lat[v][f"bs{bs}"][part] = stats_ms(samples[v])
+                bar.advance()
+    first = f"bs{cfg.batch_sizes[0]}"
+    for v in variants:
+        summary["variants"][v]["latency_ms"] = lat[v][first]["e2e"]
+        summary["variants"][v]["latency_by_batch"] = lat[v]
+        summary["variants"][v]["sparsity"] = _mean_sparsity(masks, v, contexts)
+    if s.device.type == "cuda":
+        for v in variants:
+            torch.cuda.reset_peak_memory_stats()
+            ctx = contexts[0]
+            x, lens = _batch(s, split, groups[ctx])
+            u = split.utts[groups[ctx][0]]
+            decode(model, x, lens, tok.prompt(u.task, u.source_lang, u.target_lang), keep[v][ctx], opts)
+            summary["variants"][v]["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 2)
+    summary["cpu_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    dense = summary["variants"].get("dense")
+    if dense:
+        for v in variants:
+            if v == "dense":
+                continue
+            sv = summary["variants"][v]
+            summary["ratios"][v] = {
+                "flops": round(sv["flops"]["total"] / dense["flops"]["total"], 4),
+                "latency": round(sv["latency_ms"]["median"] / dense["latency_ms"]["median"], 4),
+                "by_batch": {
+                    bs: {part: round(sv["latency_by_batch"][bs][part]["median"] / dense["latency_by_batch"][bs][part]["median"], 4)
+                         for part in ("encoder", "e2e")}
+                    for bs in sv["latency_by_batch"]
+                },
+            }
+    atomic_write_json(s.run.path / "profile" / "summary.json", summary)
+    return summary
+
+
+def _mean_sparsity(masks, variant: str, contexts: list[str]) -> float:  # noqa: ANN001
+    if variant == "dense" or masks is None:
+        return 0.0
+    vals = [masks.stats[variant][c]["sparsity_total"] for c in contexts if c in masks.stats.get(variant, {})]
+    return round(sum(vals) / len(vals), 4) if vals else 0.0
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    import platform
+
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

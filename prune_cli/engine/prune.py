@@ -1,0 +1,146 @@
+"""Stage `prune`: one binary mask per context (and per baseline) -> masks.json, heatmap, optional pruned checkpoints."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prune_cli.data.batching import Split
+from prune_cli.engine.masking import mode_pattern, predict_keep
+from prune_cli.engine.session import Session
+from prune_cli.gating.masks import MaskFile, layerdrop_mask, random_mask
+from prune_cli.gating.sparsity import SCOPES, SparsitySpec
+from prune_cli.model.checkpoint import read_checkpoint, save_model
+from prune_cli.model.s2t import SpeechModel
+from prune_cli.progress import log
+
+
+def mask_stats(model: SpeechModel, keep: list[int], module_flops: dict[str, int]) -> dict[str, Any]:
+    """Module-count sparsity per scope and FLOPs of the kept modules at the reference utterance size."""
+    mods = model.modules_list
+    out: dict[str, Any] = {}
+    for scope in SCOPES:
+        idx = [i for i, m in enumerate(mods) if m.part == scope]
+        out[f"sparsity_{scope}"] = round(sum(1 - keep[i] for i in idx) / len(idx), 4)
+    out["sparsity_total"] = round(sum(1 - k for k in keep) / len(keep), 4)
+    dense = sum(module_flops.values())
+    kept = sum(f for m, k in zip(mods, keep) if k for f in [module_flops[m.name]])
+    out["prunable_flops"] = int(kept)
+    out["prunable_flops_ratio"] = round(kept / dense, 4) if dense else 1.0
+    return out
+
+
+def export_masks(s: Session) -> MaskFile:
+    from prune_cli.engine.train import module_flops
+
+    model = s.base_model()
+    train, test = s.split("train"), s.split(s.recipe.eval.split)
+    ctx_ckpt = read_checkpoint(s.run.gates_ckpt, "prune-cli/gates", "prune-cli train RECIPE --stage gates")
+    targets: dict[str, float] = ctx_ckpt["targets"]
+    scope = "both" if len(targets) == 2 else next(iter(targets))
+    spec = SparsitySpec.build(model.modules_list, scope, {"encoder": 0.0, "decoder": 0.0} | targets, None)
+    speakers = ctx_ckpt["speakers"]
+    mean_frames = int(sum(f.shape[0] for f in train.feats) / len(train))
+    flops = ctx_ckpt["module_flops"] or module_flops(model, mean_frames, 12)
+    # Every context seen in any split gets a mask.
+    contexts = sorted({u.context for split in (train, test) for u in split.utts})
+    variants: dict[str, dict[str, list[int]]] = {}
+
+    pred = s.predictor("context")
+    per_utt = pred.per_utterance
+    variants["context"] = _masks_for_contexts(s, pred, spec, [train, test], contexts, speakers)
+    if (s.run.checkpoints / "static.pt").is_file():
+        variants["static"] = _masks_for_contexts(s, s.predictor("static"), spec, [train, test], contexts, speakers)
+    if "random" in s.recipe.prune.baselines:
+        m = random_mask(model.modules_list, targets, s.recipe.seed)
+        variants["random"] = {c: m for c in contexts}
+    if "layerdrop" in s.recipe.prune.baselines:
+        m = layerdrop_mask(model.modules_list, targets)
+        variants["layerdrop"] = {c: m for c in contexts}
+    stats = {v: {c: mask_stats(model, keep, flops) for c, keep in table.items()} for v, table in variants.items()}
+    mf = MaskFile(
+        modules=[m.name for m in model.modules_list], arch_hash=model.arch_hash(), weights_hash=model.weights_hash(),
+        variants=variants, stats=stats, per_utterance=per_utt,
+        meta={"targets": targets, "scope": scope, "speakers": speakers, "module_flops": flops,
+              "reference_utterance": {"frames": mean_frames, "tokens": 12}, "recipe_hash": s.run.stage_hash("prune")},
+    )
+    mf.save(s.run.masks)
+    log(f"masks: {len(contexts)} contexts x {len(variants)} variants -> {s.run.masks}")
+    return mf
+
+
+def _masks_for_contexts(s: Session, pred, spec: SparsitySpec, splits: list[Split], contexts: list[str],  # noqa: ANN001
+                        speakers: list[str]) -> dict[str, list[int]]:
+    """Context-only predictors give one pattern per context; acoustic/speaker ones give each context's mode."""
+    per_ctx: dict[str, list[tuple[bool, ...]]] = defaultdict(list)
+    for split in splits:
+        cap = 200 if pred.per_utterance else 1
+        seen: dict[str, int] = defaultdict(int)
+        idx = []
+        for i, u in enumerate(split.utts):
+            if seen[u.context] < cap:
+                seen[u.context] += 1
+                idx.append(i)
+        for i, keep in zip(idx, predict_keep(s, pred, spec, split, idx, speakers)):
+            per_ctx[split.utts[i].context].append(keep)
+    return {c: [int(k) for k in mode_pattern(per_ctx[c])] for c in contexts}
+
+
+def materialize(s: Session, mf: MaskFile) -> dict[str, dict[str, Any]]:
+    """One checkpoint per context with the skipped modules deleted (not zeroed)."""
+    model = s.base_model().cpu()
+    out: dict[str, dict[str, Any]] = {}
+    full = s.run.path / "pruned" / "_dense_size_probe.pt"
+    save_model(full, model)
+    dense_bytes = full.stat().st_size
+    full.unlink()
+    for ctx, keep in mf.variants["context"].items():
+        removed = [n for n, k in zip(mf.modules, keep) if not k]
+        pruned = SpeechModel(model.dims, removed=removed)
+        state = {k: v for k, v in model.state_dict().items() if k in pruned.state_dict()}
+        pruned.load_state_dict(state, strict=True)
+        path = s.run.path / "pruned" / f"{ctx.replace(':', '_')}.pt"
+        save_model(path, pruned, context=ctx, arch_hash=model.arch_hash(), weights_hash=model.weights_hash())
+        out[ctx] = {"path": str(path.relative_to(s.run.path)), "bytes": path.stat().st_size,
+                    "size_ratio": round(path.stat().st_size / dense_bytes, 4), "removed": len(removed)}
+    return out
+
+
+def plot_heatmap(mf: MaskFile, path: Path, variant: str = "context") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = mf.variants[variant]
+    ctxs = sorted(table)
+    data = torch.tensor([table[c] for c in ctxs]).numpy()
+    fig, ax = plt.subplots(figsize=(max(8, len(mf.modules) * 0.22), 1.2 + 0.35 * len(ctxs)))
+    ax.imshow(data, cmap="Greens", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(len(ctxs)), ctxs)
+    ax.set_xticks(range(len(mf.modules)), mf.modules, rotation=90, fontsize=7)
+    ax.set_title(f"kept modules per context ({variant}); green = kept, white = skipped")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def kept_summary(mf: MaskFile, variant: str = "context") -> list[dict[str, Any]]:
+    """Per context: kept modules per kind, for the interpretability table."""
+    rows = []
+    for ctx in sorted(mf.variants[variant]):
+        keep = mf.variants[variant][ctx]
+        by_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for name, k in zip(mf.modules, keep):
+            part, _, kind = name.split(".")
+            by_kind[f"{part[:3]}.{kind}"][0] += k
+            by_kind[f"{part[:3]}.{kind}"][1] += 1
+        st = mf.stats[variant][ctx]
+        rows.append({"context": ctx, "kept": {k: f"{a}/{b}" for k, (a, b) in by_kind.items()},
+                     "sparsity_encoder": st["sparsity_encoder"], "sparsity_decoder": st["sparsity_decoder"],
+                     "skipped": [n for n, k in zip(mf.modules, keep) if not k]})
+    return rows

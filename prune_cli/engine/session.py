@@ -1,0 +1,132 @@
+"""What every stage needs: the recipe, the run directory, the device, and loaders for earlier stages' outputs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.distributed as dist
+
+from prune_cli.data.batching import Split, load_split
+from prune_cli.data.features import compute_cmvn
+from prune_cli.data.tokenizer import Tokenizer, train_tokenizer
+from prune_cli.errors import MissingInputError, UsageError
+from prune_cli.gating.masks import MaskFile
+from prune_cli.gating.predictor import GatePredictor
+from prune_cli.model.checkpoint import load_model, read_checkpoint
+from prune_cli.model.s2t import SpeechModel
+from prune_cli.progress import log
+from prune_cli.recipe import Recipe
+from prune_cli.runs import RunDir, atomic_torch_save
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+    if choice not in ("cpu", "cuda"):
+        raise UsageError(f"--device {choice!r}: expected auto, cpu or cuda")
+    return torch.device(choice)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, NCCL on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(d.local_rank)
+    return d
+
+
+class Session:
+    def __init__(self, recipe: Recipe, run: RunDir, device: torch.device):
+        self.recipe = recipe
+        self.run = run
+        self.device = device
+        self.dist = Dist()
+
+    # ---- data
+    def split(self, name: str) -> Split:
+        key = self.recipe.section_hash("data", "features")[:10]  # new data or features: a new cache
+        return load_split(self.recipe, name, cache=self.run.path / "cache" / f"{name}-{key}.pt")
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        d = self.run.tokenizer_dir
+        if (d / "tokenizer.json").is_file():
+            return Tokenizer.load(d)
+        raise MissingInputError(f"{d}: tokenizer not found; it is trained by `prune-cli train RECIPE --stage base`")
+
+    def build_tokenizer(self, train: Split) -> Tokenizer:
+        d = self.run.tokenizer_dir
+        if (d / "tokenizer.json").is_file():
+            return Tokenizer.load(d)
+        texts = [u.text for u in train.utts] + [u.source_text for u in train.utts if u.source_text]
+        tok = train_tokenizer(self.recipe.tokenizer.kind, texts, self.recipe.tokenizer.vocab_size)
+        if self.dist.is_main:
+            tok.save(d)
+        log(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens")
+        self.__dict__["tokenizer"] = tok
+        return tok
+
+    @cached_property
+    def cmvn(self) -> dict[str, torch.Tensor]:
+        p = self.run.cmvn
+        if not p.is_file():
+            raise MissingInputError(f"{p}: CMVN stats not found; they are computed by `prune-cli train RECIPE --stage base`")
+        return torch.load(p, weights_only=True)
+
+    def build_cmvn(self, train: Split) -> dict[str, torch.Tensor]:
+        if self.run.cmvn.is_file():
+            return self.cmvn
+        stats = compute_cmvn(train.feats)
+        if self.dist.is_main:
+            atomic_torch_save(self.run.cmvn, stats)
+        self.__dict__["cmvn"] = stats
+        return stats
+
+    # ---- models
+    def base_model(self) -> SpeechModel:
+        """The base the gates were trained on: fine-tuned jointly when gates.finetune_base is set."""
+        path = self.run.finetuned_ckpt if self.recipe.gates.finetune_base else self.run.base_ckpt
+        model, _ = load_model(path, "prune-cli train RECIPE")
+        return model.to(self.device).eval()
+
+    def predictor(self, which: str = "context") -> GatePredictor:
+        """`context` (the context-aware predictor) or `static` (the no-input baseline)."""
+        path = self.run.gates_ckpt if which == "context" else self.run.checkpoints / "static.pt"
+        blob = read_checkpoint(path, "prune-cli/gates", "prune-cli train RECIPE --stage gates")
+        pred = build_predictor(self.recipe, blob["n_modules"], blob["inputs"], blob["speakers"])
+        pred.load_state_dict(blob["state_dict"])
+        return pred.to(self.device).eval()
+
+    def masks(self, model: SpeechModel) -> MaskFile:
+        path = self.run.masks
+        if not path.is_file():
+            raise MissingInputError(f"{path}: masks not found; produce them with `prune-cli prune RECIPE`")
+        mf = MaskFile.load(path)
+        mf.check_model([m.name for m in model.modules_list], model.arch_hash(), model.weights_hash(), path)
+        return mf
+
+
+def build_predictor(recipe: Recipe, n_modules: int, inputs: list[str], speakers: list[str]) -> GatePredictor:
+    g = recipe.gates
+    return GatePredictor(n_modules, inputs, g.embed_dim, g.hidden, recipe.features.n_mels, len(speakers), g.init_keep_logit)

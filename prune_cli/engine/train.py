@@ -1,0 +1,361 @@
+"""Training: the base model (stage `base`) and the gate predictors (stage `gates`), with one readable loop.
+
+Resume: rerunning continues from checkpoints/<name>/last.pt. The data order is a function of (seed, epoch),
+SpecAugment and Gumbel noise of (seed, step), and the global RNG (dropout) is saved, so a resumed CPU run
+reaches the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from prune_cli.data.batching import IGNORE, Batch, Split, collate, make_batches, shard
+from prune_cli.data.features import spec_augment
+from prune_cli.engine.session import Session, build_predictor, init_distributed
+from prune_cli.gating.predictor import ContextInputs, GatePredictor, deterministic_gates, gumbel_straight_through, tau_at
+from prune_cli.gating.sparsity import SparsitySpec
+from prune_cli.model.checkpoint import load_model, save_model
+from prune_cli.model.flops import count_flops, per_module_flops
+from prune_cli.model.s2t import SpeechModel, count_params, dims_from_recipe
+from prune_cli.progress import log, progress
+from prune_cli.runs import append_jsonl, atomic_torch_save, derived_generator, seed_everything
+
+SPECAUG_SALT, GUMBEL_SALT = 1, 2
+
+
+# ---------------------------------------------------------------- losses
+
+
+def seq_loss(logits: torch.Tensor, batch: Batch, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label-smoothed cross-entropy over target tokens, and token accuracy."""
+    labels = batch.dec_out[:, : logits.shape[1]]
+    loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, label_smoothing=smoothing)
+    valid = labels != IGNORE
+    acc = ((logits.argmax(-1) == labels) & valid).sum() / valid.sum().clamp_min(1)
+    return loss, acc
+
+
+def ctc_loss(ctc_logits: torch.Tensor, mem_lens: torch.Tensor, batch: Batch) -> torch.Tensor:
+    has = batch.ctc_lens > 0
+    if not bool(has.any()):
+        return ctc_logits.new_zeros(())
+    lp = ctc_logits.float().log_softmax(-1).transpose(0, 1)[:, has]
+    return F.ctc_loss(lp, batch.ctc_targets[has], mem_lens[has], batch.ctc_lens[has], blank=0, zero_infinity=True)
+
+
+class BaseObjective(nn.Module):
+    """Joint CTC-attention loss of the dense model."""
+
+    def __init__(self, model: SpeechModel, smoothing: float, ctc_weight: float):
+        super().__init__()
+        self.model, self.smoothing, self.ctc_weight = model, smoothing, ctc_weight
+
+    def forward(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        logits, ctc_logits, mem_lens = self.model(batch.feats, batch.feat_lens, batch.dec_in)
+        att, acc = seq_loss(logits, batch, self.smoothing)
+        ctc = ctc_loss(ctc_logits, mem_lens, batch)
+        loss = (1 - self.ctc_weight) * att + self.ctc_weight * ctc
+        return loss, {k: float(v.detach()) for k, v in (("loss", loss), ("att", att), ("ctc", ctc), ("acc", acc))}
+
+
+class GateObjective(nn.Module):
+    """Task loss through hard-gated modules (Gumbel straight-through) + sparsity loss."""
+
+    def __init__(self, model: SpeechModel, predictor: GatePredictor, spec: SparsitySpec, session: Session,
+                 speakers: list[str], total_steps: int):
+        super().__init__()
+        self.model, self.predictor, self.spec = model, predictor, spec
+        self.s, self.speakers, self.total = session, speakers, total_steps
+
+    def gates(self, batch: Batch, step: int | None) -> torch.Tensor:
+        """(B, M) keep gates: Gumbel straight-through while training (step given), argmax otherwise."""
+        ctx = ContextInputs.build(batch.task, batch.source_lang, batch.target_lang, batch.speaker,
+                                  batch.feats, batch.feat_lens, self.speakers)
+        logits = self.predictor(ctx)
+        g = self.s.recipe.gates
+        if step is None:
+            keep = deterministic_gates(logits)
+        else:
+            keep = gumbel_straight_through(logits, tau_at(step, self.total, g.tau_start, g.tau_end),
+                                           derived_generator(self.s.recipe.seed, GUMBEL_SALT, step))
+        return self.spec.force_ungated(keep)
+
+    def forward(self, batch: Batch, step: int | None) -> tuple[torch.Tensor, dict[str, float]]:
+        g = self.s.recipe.gates
+        keep = self.gates(batch, step)
+        logits, _, _ = self.model(batch.feats, batch.feat_lens, batch.dec_in, scale=keep)
+        task, acc = seq_loss(logits, batch, self.s.recipe.base.label_smoothing)
+        warm = 1.0 if step is None else min(1.0, (step + 1) / max(1, g.target_warmup_steps))
+        sp_loss, sp_logs = self.spec.loss(keep, g.alpha, warm)
+        loss = task + sp_loss
+        logs = {k: float(v.detach()) for k, v in (("loss", loss), ("task", task), ("sparsity_loss", sp_loss), ("acc", acc))}
+        return loss, {**logs, **sp_logs}
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class LoopSpec:
+    name: str  # checkpoint folder and log name
+    objective: nn.Module
+    params: list[dict]  # optimizer param groups
+    steps: int
+    warmup: int
+    val_every: int
+    save_every: int
+    log_every: int
+    keep_best: int
+    clip: float
+    grad_accum: int
+    state_modules: dict[str, nn.Module]  # what a checkpoint holds
+    train_mode: Callable[[], None]
+    eval_mode: Callable[[], None]
+    weight_decay: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def _batch_plan(split: Split, s: Session, epoch: int) -> list[list[int]]:
+    lengths = [f.shape[0] for f in split.feats]
+    return shard(make_batches(lengths, s.recipe.data.max_frames_per_batch, s.recipe.seed, epoch), s.dist.rank, s.dist.world)
+
+
+def _prepare(split: Split, idx: list[int], s: Session, step: int | None) -> Batch:
+    b = collate(split, idx, s.tokenizer, s.cmvn, s.recipe.model.max_len)
+    if step is not None and s.recipe.features.specaugment is not None:
+        b.feats = spec_augment(b.feats, b.feat_lens, s.recipe.features.specaugment,
+                               derived_generator(s.recipe.seed, SPECAUG_SALT, step))
+    return b.to(s.device)
+
+
+@torch.no_grad()
+def validate(spec: LoopSpec, dev: Split, s: Session) -> dict[str, float]:
+    spec.eval_mode()
+    tot: dict[str, float] = {}
+    n = 0
+    for idx in make_batches([f.shape[0] for f in dev.feats], s.recipe.data.max_frames_per_batch, 0, 0, shuffle=False):
+        with _autocast(s):
+            _, logs = spec.objective(_prepare(dev, idx, s, None), None)
+        for k, v in logs.items():
+            tot[k] = tot.get(k, 0.0) + v * len(idx)
+        n += len(idx)
+    spec.train_mode()
+    return {f"val_{k}": v / n for k, v in tot.items()}
+
+
+def _autocast(s: Session):  # noqa: ANN202
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.device.type == "cuda")
+
+
+def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, float]:
+    ckdir = s.run.checkpoints / spec.name
+    opt = torch.optim.AdamW(spec.params, weight_decay=spec.weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    step, epoch, pos = 0, 0, 0
+    best: list[tuple[float, str]] = []  # (val loss, checkpoint file)
+    last = ckdir / "last.pt"
+    if last.is_file():
+        blob = torch.load(last, map_location="cpu", weights_only=False)
+        for k, m in spec.state_modules.items():
+            m.load_state_dict(blob["modules"][k])
+        opt.load_state_dict(blob["optimizer"])
+        torch.set_rng_state(blob["rng"])
+        step, epoch, pos, best = blob["step"], blob["epoch"], blob["pos"], [tuple(b) for b in blob["best"]]
+        log(f"{spec.name}: resumed from {last} at step {step}/{spec.steps}")
+        append_jsonl(s.run.path / "logs" / f"{spec.name}.jsonl", {"event": "resume", "step": step})
+
+    def save(path: Path) -> None:
+        if s.dist.is_main:
+            atomic_torch_save(path, {
+                "modules": {k: m.state_dict() for k, m in spec.state_modules.items()}, "optimizer": opt.state_dict(),
+                "rng": torch.get_rng_state(), "step": step, "epoch": epoch, "pos": pos, "best": best,
+            })
+
+    objective = DDP(spec.objective) if s.dist.world > 1 else spec.objective
+    spec.train_mode()
+    plan = _batch_plan(train, s, epoch)
+    t0 = time.monotonic()
+    metrics: dict[str, float] = {}
+    with progress(f"train {spec.name}", total=spec.steps) as bar:
+        bar.advance(step)
+        while step < spec.steps:
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * lr_factor(step, spec.warmup, spec.steps)
+            logs: dict[str, float] = {}
+            for _ in range(spec.grad_accum):
+                if pos >= len(plan):
+                    epoch, pos = epoch + 1, 0
+                    plan = _batch_plan(train, s, epoch)
+                batch = _prepare(train, plan[pos], s, step)
+                pos += 1
+                with _autocast(s):
+                    loss, logs = objective(batch, step)
+                (loss / spec.grad_accum).backward()
+            gnorm = torch.nn.utils.clip_grad_norm_([p for g in spec.params for p in g["params"]], spec.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            logs.update(step=step, epoch=epoch, lr=opt.param_groups[0]["lr"], grad_norm=float(gnorm),
+                        elapsed_s=round(time.monotonic() - t0, 2))
+            if s.dist.is_main and (step % spec.log_every == 0 or step == spec.steps):
+                append_jsonl(s.run.path / "logs" / f"{spec.name}.jsonl", logs)
+            bar.advance(1, postfix=f"loss {logs['loss']:.3f} acc {logs['acc']:.3f}")
+            if step % spec.val_every == 0 or step == spec.steps:
+                metrics = validate(spec, dev, s)
+                metrics["step"] = step
+                if s.dist.is_main:
+                    append_jsonl(s.run.path / "logs" / f"{spec.name}.jsonl", {"event": "val", **metrics})
+                log(f"{spec.name} step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "step"))
+                if spec.keep_best > 0:
+                    path = ckdir / f"step{step:07d}.pt"
+                    best.append((metrics["val_loss"], path.name))
+                    best.sort()
+                    for _, stale in best[spec.keep_best :]:
+                        (ckdir / stale).unlink(missing_ok=True)
+                    best = best[: spec.keep_best]
+                    if any(name == path.name for _, name in best):
+                        save(path)
+            if step % spec.save_every == 0 or step == spec.steps:
+                save(last)
+    spec.eval_mode()
+    return metrics
+
+
+def average_checkpoints(paths: list[Path], key: str) -> dict[str, torch.Tensor]:
+    states = [torch.load(p, map_location="cpu", weights_only=False)["modules"][key] for p in paths]
+    avg = {}
+    for k, v in states[0].items():
+        avg[k] = sum(st[k].float() for st in states) / len(states) if v.is_floating_point() else v
+        avg[k] = avg[k].to(v.dtype)
+    return avg
+
+
+# ---------------------------------------------------------------- stages
+
+
+def prepare_data(s: Session) -> tuple[Split, Split]:
+    train, dev = s.split("train"), s.split("dev")
+    s.build_tokenizer(train)
+    s.build_cmvn(train)
+    return train, dev
+
+
+def train_base(s: Session) -> dict[str, float]:
+    r = s.recipe
+    s.dist = init_distributed(s.device)
+    seed_everything(r.seed)
+    train, dev = prepare_data(s)
+    model = SpeechModel(dims_from_recipe(r.model, r.features.n_mels, s.tokenizer.vocab_size)).to(s.device)
+    log(f"base model: {count_params(model) / 1e6:.2f}M parameters, {model.n_modules} prunable modules, "
+        f"{len(train)} train / {len(dev)} dev utterances")
+    b = r.base
+    spec = LoopSpec(
+        name="base", objective=BaseObjective(model, b.label_smoothing, b.ctc_weight),
+        params=[{"params": list(model.parameters()), "lr": b.lr}], steps=b.steps, warmup=b.warmup_steps,
+        val_every=b.val_every, save_every=b.save_every, log_every=b.log_every, keep_best=b.keep_best, clip=b.clip,
+        grad_accum=b.grad_accum, state_modules={"model": model}, train_mode=model.train, eval_mode=model.eval,
+        weight_decay=b.weight_decay,
+    )
+    metrics = run_loop(spec, train, dev, s)
+    ckdir = s.run.checkpoints / "base"
+    kept = sorted(ckdir.glob("step*.pt"))
+    if kept:
+        model.load_state_dict(average_checkpoints(kept, "model"))
+        log(f"base: averaged {len(kept)} best checkpoint(s): {', '.join(p.name for p in kept)}")
+    final = validate(spec, dev, s)
+    if s.dist.is_main:
+        save_model(s.run.base_ckpt, model.cpu(), averaged=[p.name for p in kept])
+        s.run.update_metrics("base", {**metrics, **{f"final_{k}": v for k, v in final.items()},
+                                      "params": count_params(model)})
+    return final
+
+
+def module_flops(model: SpeechModel, frames: int, tokens: int) -> dict[str, int]:
+    """FLOPs of each prunable module for one utterance of `frames` input frames and `tokens` decoder tokens."""
+    dev = next(model.parameters()).device
+    x = torch.zeros(1, frames, model.dims.n_mels, device=dev)
+    y = torch.zeros(1, tokens, dtype=torch.long, device=dev)
+    with torch.no_grad():
+        rep = count_flops(lambda: model(x, torch.tensor([frames], device=dev), y), list_uncounted=False)
+    return per_module_flops(rep.by_module, [m.name for m in model.modules_list])
+
+
+def train_gates(s: Session) -> dict[str, dict[str, float]]:
+    r, g = s.recipe, s.recipe.gates
+    s.dist = init_distributed(s.device)
+    seed_everything(r.seed + 1)
+    train, dev = prepare_data(s)
+    model, _ = load_model(s.run.base_ckpt, "prune-cli train RECIPE --stage base")
+    model = model.to(s.device).eval()
+    speakers = sorted({u.speaker for u in train.utts})
+    mean_frames = int(sum(f.shape[0] for f in train.feats) / len(train))
+    mean_tokens = int(sum(len(s.tokenizer.encode(u.text)) for u in train.utts[:2000]) / min(2000, len(train))) + 5
+    flops = module_flops(model, mean_frames, mean_tokens) if g.weighting == "flops" else None
+    sparsity = SparsitySpec.build(model.modules_list, g.scope, {"encoder": g.target.encoder, "decoder": g.target.decoder}, flops)
+    results: dict[str, dict[str, float]] = {}
+    variants = [("gates", list(g.inputs), s.run.gates_ckpt)]
+    if g.train_static:
+        variants.append(("static", [], s.run.checkpoints / "static.pt"))
+    for name, inputs, out_path in variants:
+        seed_everything(r.seed + len(name))
+        joint = g.finetune_base and name == "gates"  # the static baseline trains on the (fine-tuned) base, frozen
+        for p in model.parameters():
+            p.requires_grad_(joint)
+        predictor = build_predictor(r, model.n_modules, inputs, speakers).to(s.device)
+        log(f"{name}: predictor inputs {inputs or '(none: static)'}, {count_params(predictor)} parameters "
+            f"(base model {count_params(model)}), scope {g.scope}, targets {sparsity.targets}")
+        params = [{"params": list(predictor.parameters()), "lr": g.lr}]
+        if joint:
+            params.append({"params": list(model.parameters()), "lr": g.base_lr})
+        obj = GateObjective(model, predictor, sparsity, s, speakers, g.steps)
+
+        def train_mode(predictor: GatePredictor = predictor, joint: bool = joint) -> None:
+            predictor.train()
+            model.train(joint)
+
+        def eval_mode(predictor: GatePredictor = predictor) -> None:
+            predictor.eval()
+            model.eval()
+
+        state = {"predictor": predictor} | ({"model": model} if joint else {})
+        spec = LoopSpec(
+            name=name, objective=obj, params=params, steps=g.steps, warmup=min(50, g.steps // 10 + 1),
+            val_every=g.val_every, save_every=g.save_every, log_every=g.log_every, keep_best=0, clip=r.base.clip,
+            grad_accum=r.base.grad_accum, state_modules=state, train_mode=train_mode, eval_mode=eval_mode,
+        )
+        metrics = run_loop(spec, train, dev, s)
+        if s.dist.is_main:
+            atomic_torch_save(out_path, {
+                "kind": "prune-cli/gates", "inputs": inputs, "speakers": speakers, "n_modules": model.n_modules,
+                "state_dict": predictor.state_dict(), "scope": g.scope, "targets": sparsity.targets,
+                "module_flops": flops, "params": count_params(predictor),
+            })
+            if joint:
+                save_model(s.run.finetuned_ckpt, model.cpu())
+                model.to(s.device)
+        results[name] = metrics
+    if s.dist.is_main:
+        s.run.update_metrics("gates", results)
+    return results
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

@@ -1,0 +1,31 @@
+"""Errors that map onto the shell contract: exit 2 for usage/recipe problems, 1 for runtime failures."""
+
+from __future__ import annotations
+
+
+class PruneCliError(Exception):
+    """Base class. `problems` holds one line per problem; the CLI prints each on its own line."""
+
+    exit_code = 1
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class UsageError(PruneCliError):
+    """Bad recipe, bad override, bad flag value: the user must change the command."""
+
+    exit_code = 2
+
+
+class DataError(PruneCliError):
+    """Missing/corrupt audio, bad manifest lines, empty transcripts."""
+
+
+class MissingInputError(PruneCliError):
+    """A stage's inputs are absent; the message names the command that produces them."""
+
+
+class CheckpointError(PruneCliError):
+    """Unreadable or mismatched checkpoint / mask file."""

@@ -1,0 +1,97 @@
+"""Mask files (masks.json): module order, one 0/1 vector per context and variant, stats, and model identity.
+
+Also the non-learned baselines at a given sparsity: `random` and LayerDrop-style whole layers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prune_cli.errors import CheckpointError
+from prune_cli.model.s2t import PrunableModule
+from prune_cli.runs import atomic_write_json
+
+FORMAT = 1
+
+
+@dataclass
+class MaskFile:
+    modules: list[str]
+    arch_hash: str
+    weights_hash: str
+    variants: dict[str, dict[str, list[int]]]  # variant -> context key -> 0/1 keep vector
+    stats: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # variant -> ctx -> sparsity/flops
+    per_utterance: bool = False  # gates depend on acoustic/speaker inputs; the vectors are each context's mode
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def keep(self, variant: str, context: str) -> tuple[bool, ...]:
+        table = self.variants.get(variant)
+        if table is None:
+            raise CheckpointError(f"mask file has no variant {variant!r} (has: {', '.join(self.variants)})")
+        if context not in table:
+            raise CheckpointError(f"mask file has no mask for context {context!r} in variant {variant!r}")
+        return tuple(bool(v) for v in table[context])
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, {
+            "format": FORMAT, "arch_hash": self.arch_hash, "weights_hash": self.weights_hash,
+            "modules": self.modules, "per_utterance": self.per_utterance, "masks": self.variants.get("context", {}),
+            "variants": self.variants, "stats": self.stats, "meta": self.meta,
+        })
+
+    @classmethod
+    def load(cls, path: Path) -> "MaskFile":
+        try:
+            d = json.loads(path.read_text())
+            mf = cls(d["modules"], d["arch_hash"], d["weights_hash"], d["variants"], d.get("stats", {}),
+                     d.get("per_utterance", False), d.get("meta", {}))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: not a readable mask file ({type(e).__name__}: {e})") from None
+        for variant, table in mf.variants.items():
+            for ctx, vec in table.items():
+                if len(vec) != len(mf.modules) or any(v not in (0, 1) for v in vec):
+                    raise CheckpointError(f"{path}: variant {variant} context {ctx}: expected {len(mf.modules)} 0/1 values")
+        return mf
+
+    def check_model(self, modules: list[str], arch_hash: str, weights_hash: str, path: Path) -> None:
+        if modules != self.modules or arch_hash != self.arch_hash:
+            raise CheckpointError(
+                f"{path}: mask file belongs to another architecture (arch {self.arch_hash}, "
+                f"{len(self.modules)} modules) than this model (arch {arch_hash}, {len(modules)} modules)"
+            )
+        if weights_hash != self.weights_hash:
+            raise CheckpointError(
+                f"{path}: mask file was made for base weights {self.weights_hash}, but the model has {weights_hash}; "
+                "re-run `prune-cli prune` for this model"
+            )
+
+
+def random_mask(modules: list[PrunableModule], targets: dict[str, float], seed: int) -> list[int]:
+    """Skip a random subset of each scope's modules matching the target count."""
+    rng = random.Random(seed)
+    keep = [1] * len(modules)
+    for scope, t in targets.items():
+        idx = [i for i, m in enumerate(modules) if m.part == scope]
+        for i in rng.sample(idx, round(t * len(idx))):
+            keep[i] = 0
+    return keep
+
+
+def layerdrop_mask(modules: list[PrunableModule], targets: dict[str, float]) -> list[int]:
+    """Skip whole layers, evenly spaced through the stack, as LayerDrop's every-other-layer pruning does."""
+    keep = [1] * len(modules)
+    for scope, t in targets.items():
+        layers = sorted({m.layer for m in modules if m.part == scope})
+        n_drop = round(t * len(layers))
+        if n_drop == 0:
+            continue
+        step = len(layers) / n_drop
+        drop = {layers[min(len(layers) - 1, int(step * (k + 0.5)))] for k in range(n_drop)}
+        for i, m in enumerate(modules):
+            if m.part == scope and m.layer in drop:
+                keep[i] = 0
+    return keep

@@ -1,0 +1,105 @@
+"""Gate predictor: context embeddings (+ pooled features, speaker) -> keep/skip logits per prunable module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prune_cli.data.manifest import TASKS
+from prune_cli.recipe import LANGS
+
+SKIP, KEEP = 0, 1
+
+
+@dataclass
+class ContextInputs:
+    """Predictor inputs for a batch. Built from manifest fields and features, never from targets."""
+
+    task: torch.Tensor  # (B,)
+    source_lang: torch.Tensor
+    target_lang: torch.Tensor
+    speaker: torch.Tensor
+    pooled: torch.Tensor  # (B, n_mels) time-pooled normalized features
+
+    @classmethod
+    def build(
+        cls, tasks: Sequence[str], srcs: Sequence[str], tgts: Sequence[str], speakers: Sequence[str],
+        feats: torch.Tensor, lens: torch.Tensor, speaker_vocab: Sequence[str],
+    ) -> "ContextInputs":
+        spk_index = {s: i + 1 for i, s in enumerate(speaker_vocab)}  # 0 = unseen speaker
+        valid = (torch.arange(feats.shape[1], device=feats.device)[None, :] < lens[:, None]).unsqueeze(-1)
+        pooled = (feats * valid).sum(1) / lens.clamp_min(1)[:, None]
+        dev = feats.device
+        return cls(
+            task=torch.tensor([TASKS.index(t) for t in tasks], device=dev),
+            source_lang=torch.tensor([LANGS.index(s) for s in srcs], device=dev),
+            target_lang=torch.tensor([LANGS.index(t) for t in tgts], device=dev),
+            speaker=torch.tensor([spk_index.get(s, 0) for s in speakers], device=dev),
+            pooled=pooled,
+        )
+
+
+class GatePredictor(nn.Module):
+    """A small MLP. With no inputs it is a single learned logit table: the `static` baseline."""
+
+    def __init__(
+        self, n_modules: int, inputs: Sequence[str], embed_dim: int, hidden: int, n_mels: int,
+        n_speakers: int, init_keep_logit: float,
+    ):
+        super().__init__()
+        self.inputs = tuple(inputs)
+        self.n_modules = n_modules
+        self.embeds = nn.ModuleDict()
+        sizes = {"task": len(TASKS), "source_lang": len(LANGS), "target_lang": len(LANGS), "speaker": n_speakers + 1}
+        for name in self.inputs:
+            if name == "pooled_features":
+                self.embeds[name] = nn.Sequential(nn.LayerNorm(n_mels), nn.Linear(n_mels, embed_dim))
+            else:
+                self.embeds[name] = nn.Embedding(sizes[name], embed_dim)
+        if self.inputs:
+            self.mlp = nn.Sequential(
+                nn.Linear(embed_dim * len(self.inputs), hidden), nn.GELU(), nn.Linear(hidden, n_modules * 2)
+            )
+            nn.init.normal_(self.mlp[-1].weight, std=0.01)
+            with torch.no_grad():
+                self.mlp[-1].bias.view(n_modules, 2).copy_(torch.tensor([0.0, init_keep_logit]))
+        else:
+            self.table = nn.Parameter(torch.tensor([0.0, init_keep_logit]).repeat(n_modules, 1))
+
+    def forward(self, ctx: ContextInputs) -> torch.Tensor:
+        """Logits (B, M, 2); index 1 means keep."""
+        b = ctx.task.shape[0]
+        if not self.inputs:
+            return self.table.unsqueeze(0).expand(b, -1, -1)
+        parts = []
+        for name in self.inputs:
+            x = ctx.pooled if name == "pooled_features" else getattr(ctx, name)
+            parts.append(self.embeds[name](x))
+        return self.mlp(torch.cat(parts, -1)).view(b, self.n_modules, 2)
+
+    @property
+    def per_utterance(self) -> bool:
+        """True when gates can differ inside one context (acoustic or speaker inputs)."""
+        return "pooled_features" in self.inputs or "speaker" in self.inputs
+
+
+def gumbel_straight_through(logits: torch.Tensor, tau: float, gen: torch.Generator) -> torch.Tensor:
+    """Hard 0/1 keep gates in the forward pass, Gumbel-Softmax gradients in the backward pass."""
+    u = torch.rand(logits.shape, generator=gen).to(logits.device).clamp(1e-9, 1 - 1e-9)
+    soft = F.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
+    hard = F.one_hot(soft.argmax(-1), 2).to(soft.dtype)
+    return (hard - soft.detach() + soft)[..., KEEP]
+
+
+def deterministic_gates(logits: torch.Tensor) -> torch.Tensor:
+    return (logits[..., KEEP] > logits[..., SKIP]).float()
+
+
+def tau_at(step: int, total: int, tau_start: float, tau_end: float) -> float:
+    """Exponential anneal from tau_start to tau_end over training."""
+    frac = min(1.0, step / max(1, total - 1))
+    return tau_start * (tau_end / tau_start) ** frac

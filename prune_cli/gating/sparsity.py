@@ -1,0 +1,65 @@
+"""Sparsity accounting per scope (module count or FLOPs-weighted) and the sparsity loss.
+
+loss = alpha * (|s - t| + (s - t)^2) per gated scope, with the target t warmed up linearly from 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prune_cli.model.s2t import PrunableModule
+
+SCOPES = ("encoder", "decoder")
+
+
+@dataclass
+class SparsitySpec:
+    """Which modules are gated, their weights and the per-scope targets."""
+
+    weights: torch.Tensor  # (M,) module weight: 1, or its FLOPs
+    scope_mask: dict[str, torch.Tensor]  # scope -> (M,) bool
+    gated: torch.Tensor  # (M,) bool: modules the predictor may skip
+    targets: dict[str, float]  # only the gated scopes
+
+    @classmethod
+    def build(
+        cls, modules: list[PrunableModule], scope: str, targets: dict[str, float], module_flops: dict[str, int] | None
+    ) -> "SparsitySpec":
+        if module_flops is not None:
+            w = torch.tensor([float(module_flops[m.name]) for m in modules])
+            w = w / w.mean()
+        else:
+            w = torch.ones(len(modules))
+        masks = {s: torch.tensor([m.part == s for m in modules]) for s in SCOPES}
+        scopes = SCOPES if scope == "both" else (scope,)
+        gated = torch.zeros(len(modules), dtype=torch.bool)
+        for s in scopes:
+            gated |= masks[s]
+        return cls(w, masks, gated, {s: targets[s] for s in scopes})
+
+    def sparsity(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Weighted skipped fraction per scope for gates (B, M) -> each a (B,) tensor. Differentiable."""
+        out = {}
+        for s in SCOPES:
+            w = self.weights * self.scope_mask[s]
+            out[s] = ((1.0 - keep) * w.to(keep.device)).sum(-1) / w.sum()
+        w = self.weights
+        out["total"] = ((1.0 - keep) * w.to(keep.device)).sum(-1) / w.sum()
+        return out
+
+    def loss(self, keep: torch.Tensor, alpha: float, warm: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sparsity loss on the batch-mean sparsity; `warm` in [0, 1] scales the targets during warm-up."""
+        sp = self.sparsity(keep)
+        loss = keep.new_zeros(())
+        logs: dict[str, float] = {}
+        for s, t in self.targets.items():
+            d = sp[s].mean() - t * warm
+            loss = loss + alpha * (d.abs() + d**2)
+            logs[f"sparsity_{s}"] = float(sp[s].mean().detach())
+        return loss, logs
+
+    def force_ungated(self, keep: torch.Tensor) -> torch.Tensor:
+        """Modules outside the gated scopes always run."""
+        return torch.where(self.gated.to(keep.device), keep, torch.ones_like(keep))

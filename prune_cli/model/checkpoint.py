@@ -1,0 +1,42 @@
+"""Model checkpoints: dims + removed modules + weights, written atomically, read with clear errors."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prune_cli.errors import CheckpointError, MissingInputError
+from prune_cli.model.s2t import ModelDims, SpeechModel
+from prune_cli.runs import atomic_torch_save
+
+
+def save_model(path: Path, model: SpeechModel, **extra: Any) -> None:
+    atomic_torch_save(path, {
+        "kind": "prune-cli/model", "dims": asdict(model.dims), "removed": sorted(model.removed),
+        "state_dict": model.state_dict(), **extra,
+    })
+
+
+def read_checkpoint(path: Path, kind: str, producer: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise MissingInputError(f"{path}: checkpoint not found; produce it with `{producer}`")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(blob, dict) or blob.get("kind") != kind:
+        raise CheckpointError(f"{path}: not a {kind} checkpoint")
+    return blob
+
+
+def load_model(path: Path, producer: str = "prune-cli train RECIPE") -> tuple[SpeechModel, dict[str, Any]]:
+    blob = read_checkpoint(path, "prune-cli/model", producer)
+    try:
+        model = SpeechModel(ModelDims(**blob["dims"]), removed=blob["removed"])
+        model.load_state_dict(blob["state_dict"])
+    except (TypeError, KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: checkpoint does not match the model code ({str(e).splitlines()[0][:160]})") from None
+    return model, blob

@@ -1,0 +1,157 @@
+"""Building blocks shared by encoder and decoder."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d: int, hidden: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.w1 = nn.Linear(d, hidden)
+        self.w2 = nn.Linear(hidden, d)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(F.silu(self.w1(self.norm(x))), self.dropout, self.training)
+        return F.dropout(self.w2(h), self.dropout, self.training)
+
+
+class MultiHeadAttention(nn.Module):
+    """Pre-LN multi-head attention; with `kv_cache` it appends this step's keys/values (self) or reuses them (cross)."""
+
+    def __init__(self, d: int, heads: int, dropout: float, cross: bool = False):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.heads = heads
+        self.cross = cross
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+        self.dropout = dropout
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mem: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        kv_cache: dict[str, torch.Tensor] | None = None,
+        key: str = "",
+    ) -> torch.Tensor:
+        h = self.norm(x)
+        q = self._split(self.q(h))
+        if self.cross:
+            if kv_cache is not None and f"{key}.k" in kv_cache:
+                k, v = kv_cache[f"{key}.k"], kv_cache[f"{key}.v"]
+            else:
+                k, v = self._split(self.k(mem)), self._split(self.v(mem))
+                if kv_cache is not None:
+                    kv_cache[f"{key}.k"], kv_cache[f"{key}.v"] = k, v
+        else:
+            k, v = self._split(self.k(h)), self._split(self.v(h))
+            if kv_cache is not None:
+                if f"{key}.k" in kv_cache:
+                    k = torch.cat([kv_cache[f"{key}.k"], k], dim=2)
+                    v = torch.cat([kv_cache[f"{key}.v"], v], dim=2)
+                kv_cache[f"{key}.k"], kv_cache[f"{key}.v"] = k, v
+        if causal and mask is None and q.shape[2] > 1:
+            # With a cache the new queries sit at the end: position i sees keys <= offset + i.
+            offset = k.shape[2] - q.shape[2]
+            qi = torch.arange(q.shape[2], device=q.device)[:, None] + offset
+            mask = qi >= torch.arange(k.shape[2], device=q.device)[None, :]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        b, _, t, _ = o.shape
+        return F.dropout(self.out(o.transpose(1, 2).reshape(b, t, -1)), self.dropout, self.training)
+
+
+class ConvGatedMLP(nn.Module):
+    """cgMLP branch of E-Branchformer: up-projection, convolutional spatial gating unit, down-projection."""
+
+    def __init__(self, d: int, hidden: int, kernel: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.up = nn.Linear(d, hidden)
+        self.gate_norm = nn.LayerNorm(hidden // 2)
+        self.conv = nn.Conv1d(hidden // 2, hidden // 2, kernel, padding=kernel // 2, groups=hidden // 2)
+        self.down = nn.Linear(hidden // 2, d)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        h = F.gelu(self.up(self.norm(x)))
+        a, g = h.chunk(2, dim=-1)
+        g = self.gate_norm(g)
+        if pad is not None:
+            g = g.masked_fill(pad.unsqueeze(-1), 0.0)
+        g = self.conv(g.transpose(1, 2)).transpose(1, 2)
+        return F.dropout(self.down(F.dropout(a * g, self.dropout, self.training)), self.dropout, self.training)
+
+
+class BranchMerge(nn.Module):
+    """E-Branchformer merge: concat(attn, cgmlp) + depthwise conv, then projection.
+
+    No biases, so a skipped branch contributes exactly nothing; each half is computed only when its branch ran.
+    """
+
+    def __init__(self, d: int, kernel: int, dropout: float):
+        super().__init__()
+        self.dw = nn.Conv1d(2 * d, 2 * d, kernel, padding=kernel // 2, groups=2 * d, bias=False)
+        self.proj = nn.Linear(2 * d, d, bias=False)
+        self.d = d
+        self.dropout = dropout
+
+    def forward(self, a: torch.Tensor | None, c: torch.Tensor | None) -> torch.Tensor:
+        d = self.d
+        parts, sl = [], []
+        if a is not None:
+            parts.append(a)
+            sl.append(slice(0, d))
+        if c is not None:
+            parts.append(c)
+            sl.append(slice(d, 2 * d))
+        if len(parts) == 2:
+            cat, w_dw, w_p = torch.cat(parts, -1), self.dw.weight, self.proj.weight
+        else:
+            cat, w_dw, w_p = parts[0], self.dw.weight[sl[0]], self.proj.weight[:, sl[0]]
+        h = cat + F.conv1d(cat.transpose(1, 2), w_dw, padding=self.dw.padding, groups=cat.shape[-1]).transpose(1, 2)
+        return F.dropout(F.linear(h, w_p), self.dropout, self.training)
+
+
+def sinusoid(length: int, d: int) -> torch.Tensor:
+    pos = torch.arange(length).unsqueeze(1)
+    div = torch.exp(torch.arange(0, d, 2) * (-math.log(10000.0) / d))
+    pe = torch.zeros(length, d)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div)
+    return pe
+
+
+class Conv2dSubsampling(nn.Module):
+    """4x time subsampling with two stride-2 convolutions."""
+
+    def __init__(self, n_mels: int, channels: int, d: int):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, channels, 3, 2), nn.ReLU(), nn.Conv2d(channels, channels, 3, 2), nn.ReLU()
+        )
+        f = ((n_mels - 3) // 2 + 1 - 3) // 2 + 1
+        self.proj = nn.Linear(channels * f, d)
+
+    @staticmethod
+    def out_lengths(lengths: torch.Tensor) -> torch.Tensor:
+        return ((lengths - 3) // 2 + 1 - 3) // 2 + 1
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.conv(x.unsqueeze(1))  # (B, C, T', F')
+        b, c, t, f = h.shape
+        return self.proj(h.permute(0, 2, 1, 3).reshape(b, t, c * f)), self.out_lengths(lengths)

@@ -1,0 +1,443 @@
+"""Typed recipe schema, YAML loading with includes, dotted overrides and strict validation.
+
+Validation happens once, here. Everything downstream receives a `Recipe` and trusts it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from prune_cli.errors import UsageError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+LANGS = ("en", "de", "fr", "es", "it")
+
+
+@dataclass
+class SynthConfig:
+    """Demo corpus builder (eSpeak NG + num2words)."""
+
+    out_dir: str = "corpora/demo"  # audio; git-ignored
+    n_train: int = 10000
+    n_dev: int = 300
+    n_test: int = 600
+    languages: list[str] = field(default_factory=lambda: list(LANGS))
+    st_pairs: list[str] = field(default_factory=lambda: ["de-en", "fr-en", "es-en", "it-en", "en-de", "en-fr"])
+    max_number: int = 9999
+    forms: list[str] = field(default_factory=lambda: ["cardinal", "ordinal", "year"])
+    voices_per_lang: int = 4
+    rate_range: list[int] = field(default_factory=lambda: [150, 210])
+    pitch_range: list[int] = field(default_factory=lambda: [35, 65])
+    snr_db: Optional[float] = None
+    audio_format: Literal["flac", "wav"] = "flac"
+    workers: int = 2
+
+
+@dataclass
+class ContextDefaults:
+    """Context fields for manifests that lack them (plain NeMo manifests)."""
+
+    task: Literal["asr", "st"] = "asr"
+    source_lang: str = "en"
+    target_lang: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    manifest_dir: str = "data_manifests/demo"  # holds train/dev/test.jsonl
+    kaldi_dir: Optional[str] = None  # alternative input: a Kaldi/ESPnet data dir root with train/dev/test
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    sample_rate: int = 16000
+    on_error: Literal["fail", "skip"] = "fail"
+    defaults: ContextDefaults = field(default_factory=ContextDefaults)
+    max_frames_per_batch: int = 12000
+    max_utts_per_context: Optional[int] = None  # cap per context for eval/profile subsets
+    duration_tolerance_s: float = 0.05
+
+
+@dataclass
+class SpecAugmentConfig:
+    freq_masks: int = 2
+    freq_width: int = 15
+    time_masks: int = 2
+    time_width: int = 20
+
+
+@dataclass
+class FeatureConfig:
+    n_mels: int = 80
+    specaugment: Optional[SpecAugmentConfig] = field(default_factory=SpecAugmentConfig)
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["char", "sentencepiece"] = "sentencepiece"
+    vocab_size: int = 400
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 144
+    heads: int = 4
+    enc_layers: int = 6
+    dec_layers: int = 4
+    ffn_dim: int = 576
+    cgmlp_dim: int = 576
+    cgmlp_kernel: int = 15
+    merge_kernel: int = 3
+    frontend_channels: int = 32
+    dropout: float = 0.1
+    max_len: int = 128
+
+
+@dataclass
+class BaseTrainConfig:
+    steps: int = 3000
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 300
+    grad_accum: int = 1
+    clip: float = 5.0
+    label_smoothing: float = 0.1
+    ctc_weight: float = 0.3
+    val_every: int = 500
+    save_every: int = 250
+    keep_best: int = 3
+    log_every: int = 50
+
+
+@dataclass
+class SparsityTarget:
+    encoder: float = 0.0
+    decoder: float = 0.5
+
+
+@dataclass
+class GatesConfig:
+    inputs: list[Literal["task", "source_lang", "target_lang", "pooled_features", "speaker"]] = field(
+        default_factory=lambda: ["task", "source_lang", "target_lang"]
+    )
+    embed_dim: int = 32
+    hidden: int = 64
+    scope: Literal["encoder", "decoder", "both"] = "decoder"
+    target: SparsityTarget = field(default_factory=SparsityTarget)
+    weighting: Literal["modules", "flops"] = "modules"
+    alpha: float = 5.0
+    target_warmup_steps: int = 200
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    steps: int = 800
+    lr: float = 5e-3
+    finetune_base: bool = False
+    base_lr: float = 1e-4
+    init_keep_logit: float = 2.0
+    train_static: bool = True  # the `static` baseline is trained with the same loop
+    val_every: int = 200
+    save_every: int = 100
+    log_every: int = 50
+
+
+@dataclass
+class PruneConfig:
+    baselines: list[Literal["static", "random", "layerdrop"]] = field(
+        default_factory=lambda: ["static", "random", "layerdrop"]
+    )
+    materialize: bool = False
+
+
+@dataclass
+class EvalConfig:
+    variants: list[str] = field(default_factory=lambda: ["dense", "context", "static"])
+    split: Literal["dev", "test"] = "test"
+    beam_size: int = 1
+    length_penalty: float = 0.0
+    max_len_ratio: float = 1.0  # max output tokens = max_len_ratio * encoder frames (capped by model.max_len)
+    batch_size: int = 64
+    max_wer: Optional[float] = None
+    min_bleu: Optional[float] = None
+
+
+@dataclass
+class ProfileConfig:
+    variants: list[str] = field(default_factory=lambda: ["dense", "context", "static"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    warmup: int = 2
+    repeats: int = 10
+    threads: int = 2
+    utts_per_context: int = 8
+    contexts: Optional[list[str]] = None  # None: every context in the split
+
+
+@dataclass
+class CheckConfig:
+    """Tolerances for `run --check-against` (absolute, in metric units)."""
+
+    wer: float = 0.0
+    cer: float = 0.0
+    bleu: float = 0.0
+    chrf: float = 0.0
+    sparsity: float = 0.0
+
+
+@dataclass
+class Recipe:
+    name: str = "demo"
+    seed: int = 1234
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    base: BaseTrainConfig = field(default_factory=BaseTrainConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Hash of the named sections: a stage is up to date when the sections it depends on are unchanged."""
+        d = self.to_dict()
+        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- YAML loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UsageError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UsageError(f"{where}: invalid YAML: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a recipe must be a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_raw(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe and the recipes it includes (`include:` or `defaults:`), parents first."""
+    path = path.resolve()
+    if path in _seen:
+        raise UsageError(f"{path}: include cycle: {' -> '.join(str(p) for p in _seen + (path,))}")
+    data = _read_yaml(path)
+    includes = data.pop("include", None) or data.pop("defaults", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict[str, Any] = {}
+    for inc in includes:
+        merged = deep_merge(merged, load_raw((path.parent / inc), _seen + (path,)))
+    return deep_merge(merged, data)
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A path, or the name of a bundled recipe (`demo`, `ci_smoke`)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (RECIPES_DIR / name_or_path, RECIPES_DIR / f"{name_or_path}.yaml"):
+        if cand.is_file():
+            return cand
+    bundled = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
+    hint = difflib.get_close_matches(p.stem, bundled, n=1)
+    extra = f" (did you mean '{hint[0]}'?)" if hint else f" (bundled: {', '.join(bundled)})"
+    raise UsageError(f"{name_or_path}: recipe not found{extra}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UsageError(f"--set {text!r}: expected key.path=value")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return out
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            trial: list[str] = []
+            out = _convert(value, a, path, trial)
+            if not trial:
+                return out
+        errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return None
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            return []
+        (inner,) = typing.get_args(tp)
+        return [_convert(v, inner, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+            return tp()
+        return _build(tp, value, path, errors)
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{path}: expected bool, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{path}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{path}: expected float, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{path}: expected str, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            full = [f"{prefix}.{c}" if prefix else c for c in close]
+            hint = f" (did you mean '{full[0]}'?)" if full else f" (valid keys: {', '.join(names)})"
+            errors.append(f"{path}: unknown key{hint}")
+            continue
+        kwargs[key] = _convert(value, hints[key], path, errors)
+    return cls(**kwargs)
+
+
+def _semantic_checks(r: Recipe) -> list[str]:
+    errs: list[str] = []
+    for lang in r.data.synth.languages:
+        if lang not in LANGS:
+            errs.append(f"data.synth.languages: unsupported language {lang!r} (supported: {', '.join(LANGS)})")
+    for pair in r.data.synth.st_pairs:
+        parts = pair.split("-")
+        if len(parts) != 2 or any(p not in LANGS for p in parts) or parts[0] == parts[1]:
+            errs.append(f"data.synth.st_pairs: bad pair {pair!r} (expected SRC-TGT with two different languages)")
+    for form in r.data.synth.forms:
+        if form not in ("cardinal", "ordinal", "year"):
+            errs.append(f"data.synth.forms: unknown form {form!r} (cardinal, ordinal, year)")
+    if r.data.synth.max_number < 10:
+        errs.append("data.synth.max_number: must be >= 10")
+    for sec, key in (("encoder", r.gates.target.encoder), ("decoder", r.gates.target.decoder)):
+        if not 0.0 <= key < 1.0:
+            errs.append(f"gates.target.{sec}: must be in [0, 1), got {key}")
+    if r.model.d_model % r.model.heads:
+        errs.append(f"model.d_model: {r.model.d_model} is not divisible by model.heads={r.model.heads}")
+    if r.model.cgmlp_dim % 2:
+        errs.append("model.cgmlp_dim: must be even (it is split into two gated halves)")
+    for v in set(r.eval.variants) | set(r.profile.variants):
+        if v not in ("dense", "context", "static", "random", "layerdrop"):
+            errs.append(f"eval/profile variants: unknown variant {v!r} (dense, context, static, random, layerdrop)")
+    for bs in r.profile.batch_sizes:
+        if bs < 1:
+            errs.append("profile.batch_sizes: must be positive")
+    if r.tokenizer.vocab_size < 16:
+        errs.append("tokenizer.vocab_size: must be >= 16")
+    return errs
+
+
+def build_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    errors: list[str] = []
+    recipe = _build(Recipe, raw, "", errors)
+    if not errors:
+        errors = _semantic_checks(recipe)
+    if errors:
+        raise UsageError([f"{source}: {e}" for e in errors])
+    return recipe
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
+    path = resolve_recipe_path(name_or_path)
+    raw = apply_overrides(load_raw(path), overrides or [])
+    return build_recipe(raw, str(path)), path
+
+
+def recipe_from_dict(d: dict[str, Any]) -> Recipe:
+    return build_recipe(d)
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def bundled_recipes() -> list[Path]:
+    return sorted(RECIPES_DIR.glob("*.yaml"))

@@ -1,0 +1,180 @@
+"""Rich tables for the terminal, PNG plots, and the run's report.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from prune_cli.runs import atomic_write_text
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.2f}" if isinstance(x, float) else str(x)
+
+
+def eval_table(summary: dict[str, Any]) -> Table:
+    variants = list(summary["variants"])
+    contexts = sorted({c for t in summary["variants"].values() for c in t})
+    t = Table(title="quality per context (WER/CER % for asr, BLEU/chrF for st)")
+    t.add_column("context")
+    t.add_column("n", justify="right")
+    for v in variants:
+        t.add_column(v, justify="right")
+    for c in contexts:
+        cells = []
+        n = ""
+        for v in variants:
+            sc = summary["variants"][v].get(c)
+            if sc is None:
+                cells.append("-")
+                continue
+            n = str(sc["n"])
+            cells.append(f"WER {sc['wer']:.2f} CER {sc['cer']:.2f}" if "wer" in sc else f"BLEU {sc['bleu']:.2f} chrF {sc['chrf']:.2f}")
+        t.add_row(c, n, *cells)
+    avg = summary.get("averages", {})
+    if avg:
+        t.add_row("average", "", *[" ".join(f"{k.upper()} {val:.2f}" for k, val in avg.get(v, {}).items()) for v in variants])
+    return t
+
+
+def profile_table(summary: dict[str, Any]) -> Table:
+    t = Table(title=f"cost on {summary['device']} ({summary['flops_unit']})")
+    for col in ("variant", "sparsity", "GFLOPs", "enc GFLOPs", "dec GFLOPs", "latency ms (median)", "p90",
+                "FLOPs ratio", "latency ratio"):
+        t.add_column(col, justify="right" if col != "variant" else "left")
+    for v, d in summary["variants"].items():
+        r = summary["ratios"].get(v, {})
+        f = d["flops"]
+        t.add_row(v, _fmt(d["sparsity"]), f"{f['total'] / 1e9:.3f}", f"{f['encoder'] / 1e9:.3f}", f"{f['decoder'] / 1e9:.3f}",
+                  _fmt(d["latency_ms"]["median"]), _fmt(d["latency_ms"]["p90"]), _fmt(r.get("flops", 1.0)),
+                  _fmt(r.get("latency", 1.0)))
+    return t
+
+
+def kept_table(rows: list[dict[str, Any]]) -> Table:
+    kinds = list(rows[0]["kept"]) if rows else []
+    t = Table(title="modules kept per context (kept/total)")
+    t.add_column("context")
+    for k in kinds:
+        t.add_column(k, justify="right")
+    t.add_column("enc sparsity", justify="right")
+    t.add_column("dec sparsity", justify="right")
+    for r in rows:
+        t.add_row(r["context"], *[r["kept"][k] for k in kinds], _fmt(r["sparsity_encoder"]), _fmt(r["sparsity_decoder"]))
+    return t
+
+
+def print_table(table: Table, to_stderr: bool = False) -> None:
+    import sys
+
+    stream = sys.stderr if to_stderr else sys.stdout
+    # Logs and CI capture are not terminals; give tables room instead of rich's 80-column default.
+    Console(file=stream, width=None if stream.isatty() else 200).print(table)
+
+
+def plot_cost(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for v, d in summary["variants"].items():
+        ax.scatter(d["flops"]["total"] / 1e9, d["latency_ms"]["median"], s=60, label=v)
+        ax.annotate(v, (d["flops"]["total"] / 1e9, d["latency_ms"]["median"]), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("GFLOPs (encoder + full decode, profile subset)")
+    ax.set_ylabel("end-to-end latency, median ms")
+    ax.set_title(summary["device"])
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def quality_rows(ev: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    variants = list(ev["variants"])
+    contexts = sorted({c for t in ev["variants"].values() for c in t})
+    rows = []
+    for c in contexts:
+        row: list[Any] = [c]
+        for v in variants:
+            sc = ev["variants"][v].get(c, {})
+            row.append(f"{sc['wer']:.2f}" if "wer" in sc else (f"{sc['bleu']:.2f}" if "bleu" in sc else "-"))
+        rows.append(row)
+    avg = ev.get("averages", {})
+    rows.append(["**avg WER (asr)**"] + [f"{avg.get(v, {}).get('wer', float('nan')):.2f}" for v in variants])
+    rows.append(["**avg BLEU (st)**"] + [f"{avg.get(v, {}).get('bleu', float('nan')):.2f}" for v in variants])
+    return ["context (WER % / BLEU)"] + variants, rows
+
+
+def write_report(run_dir: Path, recipe_path: str, overrides: list[str]) -> Path:
+    """report.md from what the stages wrote: quality, cost, masks, plots and the commands to rerun each stage."""
+    ev = _read(run_dir / "eval" / "summary.json")
+    pr = _read(run_dir / "profile" / "summary.json")
+    masks = _read(run_dir / "masks.json")
+    env = _read(run_dir / "env.json")
+    metrics = _read(run_dir / "metrics.json")
+    sets = "".join(f" --set {o}" for o in overrides)
+    rd = f" --run-dir {run_dir}"
+    lines = [f"# prune-cli report: {run_dir.name}", ""]
+    lines += [f"Machine: {env.get('device_name')} ({env.get('device')}), {env.get('cpu_count')} CPUs, torch {env.get('torch')}, "
+              f"git {env.get('git_commit')}, seed {env.get('seed')}.", ""]
+    if ev:
+        h, rows = quality_rows(ev)
+        lines += ["## Quality (test split)", "", f"Normalization: {ev['normalization']}.", "",
+                  markdown_table(h, rows), "", f"BLEU signature: `{ev['signatures'].get('bleu', '-')}`", ""]
+    if masks:
+        lines += ["## Masks", "", "![mask heatmap](plots/masks_context.png)", ""]
+        st = masks["stats"]
+        hdr = ["variant", "enc sparsity (mean)", "dec sparsity (mean)", "prunable FLOPs ratio (mean)"]
+        rows = []
+        for v, table in st.items():
+            vals = list(table.values())
+            rows.append([v] + [round(sum(x[k] for x in vals) / len(vals), 3)
+                               for k in ("sparsity_encoder", "sparsity_decoder", "prunable_flops_ratio")])
+        lines += [markdown_table(hdr, rows), ""]
+    if pr:
+        hdr = ["variant", "GFLOPs", "FLOPs ratio", "e2e latency ms (median)", "p90", "latency ratio"]
+        rows = [[v, round(d["flops"]["total"] / 1e9, 4), pr["ratios"].get(v, {}).get("flops", 1.0),
+                 d["latency_ms"]["median"], d["latency_ms"]["p90"], pr["ratios"].get(v, {}).get("latency", 1.0)]
+                for v, d in pr["variants"].items()]
+        lines += ["## Cost", "", f"Device: {pr['device']}. {pr['flops_unit']}; encoder + full greedy decode at the real "
+                  "output lengths. Ratios are pruned/dense from the same run (variants interleaved).", "",
+                  markdown_table(hdr, rows), "", "![latency vs FLOPs](plots/cost.png)", ""]
+        bs_rows = []
+        for v, d in pr["variants"].items():
+            for bs, parts in d["latency_by_batch"].items():
+                bs_rows.append([v, bs, parts["encoder"]["median"], parts["e2e"]["median"],
+                                pr["ratios"].get(v, {}).get("by_batch", {}).get(bs, {}).get("e2e", 1.0)])
+        lines += ["Batch-size sweep (median ms):", "", markdown_table(["variant", "batch", "encoder", "e2e", "e2e ratio"], bs_rows), ""]
+    if metrics.get("base"):
+        lines += ["## Training", "", f"Base: {json.dumps(metrics['base'])}", ""]
+    if metrics.get("gates"):
+        lines += [f"Gates: {json.dumps(metrics['gates'])}", ""]
+    lines += ["## Rerun each stage", "", "```sh"]
+    for stage in ("base", "gates"):
+        lines.append(f"prune-cli train {recipe_path} --stage {stage}{sets}{rd}")
+    for cmd in ("prune", "eval", "profile"):
+        lines.append(f"prune-cli {cmd} {recipe_path}{sets}{rd}")
+    lines += ["```", ""]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

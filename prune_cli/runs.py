@@ -1,0 +1,222 @@
+"""Run directory: resolved config, environment record, metrics, stage markers, atomic writes, seeding."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from prune_cli import __version__
+from prune_cli.recipe import Recipe, to_yaml
+
+# Which recipe sections each stage's output depends on. A stage is complete when its marker holds this hash.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "synth": ("data",),
+    "base": ("seed", "data", "features", "tokenizer", "model", "base"),
+    "gates": ("seed", "data", "features", "tokenizer", "model", "base", "gates"),
+    "prune": ("seed", "data", "features", "tokenizer", "model", "base", "gates", "prune"),
+    "eval": ("seed", "data", "features", "tokenizer", "model", "base", "gates", "prune", "eval"),
+    "profile": ("seed", "data", "features", "tokenizer", "model", "base", "gates", "prune", "profile"),
+}
+STAGES = ("synth", "base", "gates", "prune", "eval", "profile", "report")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, fsync, rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def derived_generator(seed: int, *salt: int) -> torch.Generator:
+    """A generator for one purpose (SpecAugment at step k, Gumbel noise at step k, ...), reproducible on resume."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + sum((i + 1) * 7919 * s for i, s in enumerate(salt))) % (2**63))
+    return g
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=False
+        )
+        commit = out.stdout.strip()
+        if not commit:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, timeout=5, check=False,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def env_info(device: str, seed: int) -> dict[str, Any]:
+    import torchaudio
+
+    info: dict[str, Any] = {
+        "prune_cli": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "torchaudio": torchaudio.__version__,
+        "numpy": np.__version__,
+        "device": device,
+        "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "seed": seed,
+        "git_commit": git_commit(),
+        "command": sys.argv,
+    }
+    for mod in ("jiwer", "sacrebleu", "sentencepiece", "num2words", "espeakng_loader", "typer"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except (ImportError, AttributeError):
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                info[mod] = version(mod.replace("_", "-"))
+            except PackageNotFoundError:
+                info[mod] = None
+    return info
+
+
+class RunDir:
+    """A run directory. Every stage reads what earlier stages wrote here."""
+
+    def __init__(self, path: Path, recipe: Recipe):
+        self.path = path
+        self.recipe = recipe
+
+    # layout
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def base_ckpt(self) -> Path:
+        return self.path / "checkpoints" / "base.pt"
+
+    @property
+    def finetuned_ckpt(self) -> Path:
+        """The base after joint fine-tuning with the gates (gates.finetune_base); later stages use it."""
+        return self.path / "checkpoints" / "base_finetuned.pt"
+
+    @property
+    def gates_ckpt(self) -> Path:
+        return self.path / "checkpoints" / "gates.pt"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def cmvn(self) -> Path:
+        return self.path / "cmvn.pt"
+
+    @property
+    def masks(self) -> Path:
+        return self.path / "masks.json"
+
+    def sub(self, *parts: str) -> Path:
+        p = self.path.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def prepare(self, device: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "config.yaml", to_yaml(self.recipe))
+        atomic_write_json(self.path / "env.json", env_info(device, self.recipe.seed))
+
+    # stage bookkeeping
+    def stage_hash(self, stage: str) -> str:
+        return self.recipe.section_hash(*STAGE_SECTIONS[stage]) if stage in STAGE_SECTIONS else ""
+
+    def stage_complete(self, stage: str) -> bool:
+        marker = self.path / "stages" / f"{stage}.json"
+        if not marker.is_file():
+            return False
+        try:
+            return json.loads(marker.read_text()).get("hash") == self.stage_hash(stage)
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    def mark_complete(self, stage: str, info: dict[str, Any] | None = None) -> None:
+        atomic_write_json(self.path / "stages" / f"{stage}.json", {"hash": self.stage_hash(stage), **(info or {})})
+
+    def invalidate(self, stage: str) -> None:
+        (self.path / "stages" / f"{stage}.json").unlink(missing_ok=True)
+
+    def update_metrics(self, section: str, values: dict[str, Any]) -> None:
+        path = self.path / "metrics.json"
+        current: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                current = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                current = {}
+        current[section] = values
+        atomic_write_json(path, current)
+
+
+def require(path: Path, what: str, producer: str) -> Path:
+    """Fail with the command that produces a missing input."""
+    from prune_cli.errors import MissingInputError
+
+    if not path.exists():
+        raise MissingInputError(f"{path}: {what} not found; produce it with `{producer}`")
+    return path
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
