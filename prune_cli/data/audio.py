@@ -14,6 +14,8 @@ from prune_cli.errors import DataError
 
 def probe(path: Path) -> tuple[int, int]:
     """(sample_rate, frames) from the header, without decoding."""
+    if not path.is_file():
+        raise DataError(f"audio file not found: {path}")
     try:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError, OSError) as e:

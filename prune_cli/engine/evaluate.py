@@ -91,7 +91,9 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     idx = [i for i in select_subset(split, s.recipe.data.max_utts_per_context)
            if contexts is None or split.utts[i].context in contexts]
     opts = DecodeOptions(cfg.beam_size, cfg.length_penalty, cfg.max_len_ratio)
-    out_dir = s.run.path / "eval"
+    # A subset (some variants or contexts) goes beside the full evaluation, never over it.
+    full = contexts is None and list(variants) == list(cfg.variants)
+    out_dir = s.run.path / "eval" if full else s.run.path / "eval" / "partial"
     summary: dict[str, Any] = {"variants": {}, "signatures": {}, "normalization": NORMALIZATION,
                                "split": cfg.split, "decoding": vars(opts)}
     rows: list[dict[str, Any]] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -65,7 +67,10 @@ class Session:
 
     # ---- data
     def split(self, name: str) -> Split:
-        key = self.recipe.section_hash("data", "features")[:10]  # new data or features: a new cache
+        d = self.recipe.data
+        # The cache depends on what is read and how it is featurized, not on batching or eval caps.
+        key = hashlib.sha256(json.dumps([d.manifest_dir, d.kaldi_dir, d.sample_rate, d.on_error, vars(d.defaults),
+                                         self.recipe.features.n_mels]).encode()).hexdigest()[:10]
         return load_split(self.recipe, name, cache=self.run.path / "cache" / f"{name}-{key}.pt")
 
     @cached_property

@@ -275,6 +275,8 @@ def train_base(s: Session) -> dict[str, float]:
         weight_decay=b.weight_decay,
     )
     metrics = run_loop(spec, train, dev, s)
+    if s.dist.world > 1:
+        torch.distributed.barrier()  # rank 0 has written the best checkpoints that every rank averages
     ckdir = s.run.checkpoints / "base"
     kept = sorted(ckdir.glob("step*.pt"))
     if kept:

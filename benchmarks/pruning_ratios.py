@@ -1,0 +1,38 @@
+"""Print the README's results table from a run directory: quality per variant next to FLOPs and latency ratios.
+
+All ratios are pruned/dense from the same profile run (variants interleaved). Re-measure first with
+`prune-cli profile RECIPE --run-dir RUN` to refresh the latency numbers on this machine.
+
+usage: python benchmarks/pruning_ratios.py RUN_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(run_dir: Path) -> None:
+    ev = json.loads((run_dir / "eval" / "summary.json").read_text())
+    pr = json.loads((run_dir / "profile" / "summary.json").read_text())
+    print(f"device: {pr['device']}")
+    print("| variant | avg WER (asr) | avg BLEU (st) | sparsity | GFLOPs | FLOPs ratio | e2e latency ms | latency ratio | latency ratio per batch size |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for v, d in pr["variants"].items():
+        avg = ev["averages"].get(v, {})
+        r = pr["ratios"].get(v, {})
+        per_bs = ", ".join(f"{bs}: {x['e2e']:.3f}" for bs, x in r.get("by_batch", {}).items()) or "-"
+        print(f"| {v} | {avg.get('wer', float('nan')):.2f} | {avg.get('bleu', float('nan')):.2f} | {d['sparsity']:.3f} "
+              f"| {d['flops']['total'] / 1e9:.3f} | {r.get('flops', 1.0):.3f} | {d['latency_ms']['median']:.2f} "
+              f"| {r.get('latency', 1.0):.3f} | {per_bs} |")
+    for v, r in pr["ratios"].items():
+        flops_cut, lat_cut = 1 - r["flops"], 1 - r["latency"]
+        track = lat_cut / flops_cut if flops_cut > 0 else float("nan")
+        print(f"{v}: FLOPs -{100 * flops_cut:.1f}%, latency -{100 * lat_cut:.1f}% (latency cut / FLOPs cut = {track:.2f})")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    main(Path(sys.argv[1]))

@@ -1,0 +1,116 @@
+"""Gate predictor, Gumbel straight-through, sparsity loss, baselines and mask files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from prune_cli.errors import CheckpointError
+from prune_cli.gating.masks import MaskFile, layerdrop_mask, random_mask
+from prune_cli.gating.predictor import ContextInputs, GatePredictor, deterministic_gates, gumbel_straight_through, tau_at
+from prune_cli.gating.sparsity import SparsitySpec
+from prune_cli.model.s2t import ModelDims, SpeechModel
+
+DIMS = ModelDims(80, 40, 32, 4, 3, 4, 64, 64, 5, 3, 8, 0.0, 32)
+
+
+def ctx_batch(b: int = 4) -> ContextInputs:
+    feats = torch.randn(b, 50, 80)
+    lens = torch.full((b,), 50)
+    return ContextInputs.build(["asr", "st", "asr", "st"][:b], ["de", "de", "fr", "en"][:b], ["de", "en", "fr", "fr"][:b],
+                               ["s1", "s2", "s1", "s3"][:b], feats, lens, ["s1", "s2"])
+
+
+def test_straight_through_gradients_reach_the_predictor() -> None:
+    model = SpeechModel(DIMS)
+    pred = GatePredictor(model.n_modules, ["task", "source_lang", "target_lang"], 8, 16, 80, 2, 2.0)
+    logits = pred(ctx_batch())
+    keep = gumbel_straight_through(logits, 1.0, torch.Generator().manual_seed(0))
+    assert set(keep.detach().unique().tolist()) <= {0.0, 1.0}  # hard in the forward pass
+    spec = SparsitySpec.build(model.modules_list, "both", {"encoder": 0.3, "decoder": 0.6}, None)
+    x = torch.randn(4, 60, 80)
+    out, _, _ = model(x, torch.full((4,), 60), torch.randint(11, 40, (4, 5)), scale=keep)
+    loss = out.pow(2).mean() + spec.loss(keep, 1.0, 1.0)[0]
+    loss.backward()
+    grads = [p.grad for p in pred.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_eval_gates_are_deterministic_and_context_dependent() -> None:
+    torch.manual_seed(0)
+    pred = GatePredictor(30, ["task", "source_lang", "target_lang"], 8, 16, 80, 2, 0.0).eval()
+    c = ctx_batch()
+    a, b = deterministic_gates(pred(c)), deterministic_gates(pred(c))
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], a[1])  # different contexts, different (random-init) gates
+
+
+def test_gumbel_noise_comes_from_the_seed() -> None:
+    logits = torch.zeros(3, 10, 2)
+    a = gumbel_straight_through(logits, 0.5, torch.Generator().manual_seed(42))
+    b = gumbel_straight_through(logits, 0.5, torch.Generator().manual_seed(42))
+    c = gumbel_straight_through(logits, 0.5, torch.Generator().manual_seed(43))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert tau_at(0, 100, 1.0, 0.1) == 1.0 and abs(tau_at(99, 100, 1.0, 0.1) - 0.1) < 1e-9
+
+
+def test_sparsity_loss_formula_and_scopes() -> None:
+    model = SpeechModel(DIMS)
+    spec = SparsitySpec.build(model.modules_list, "decoder", {"encoder": 0.0, "decoder": 0.5}, None)
+    keep = torch.ones(2, model.n_modules)
+    dec = [i for i, m in enumerate(model.modules_list) if m.part == "decoder"]
+    keep[:, dec[:3]] = 0.0  # 3 of 12 decoder modules skipped: s = 0.25
+    loss, logs = spec.loss(keep, alpha=2.0, warm=1.0)
+    assert logs["sparsity_decoder"] == pytest.approx(0.25)
+    assert float(loss) == pytest.approx(2.0 * (0.25 + 0.25**2))
+    forced = spec.force_ungated(torch.zeros(1, model.n_modules))
+    assert forced[0, : 3 * 4].eq(1).all() and forced[0, dec].eq(0).all()  # encoder is out of scope: always runs
+    flops = {m.name: (10 if m.kind == "ffn" else 1) for m in model.modules_list}
+    w = SparsitySpec.build(model.modules_list, "decoder", {"encoder": 0.0, "decoder": 0.5}, flops)
+    k = torch.ones(1, model.n_modules)
+    k[0, [i for i, m in enumerate(model.modules_list) if m.kind == "ffn"]] = 0
+    assert float(w.sparsity(k)["decoder"]) == pytest.approx(40 / 48)
+
+
+def test_random_and_layerdrop_baselines_hit_the_target() -> None:
+    mods = SpeechModel(DIMS).modules_list
+    r = random_mask(mods, {"decoder": 0.5}, seed=1)
+    dec = [k for k, m in zip(r, mods) if m.part == "decoder"]
+    assert sum(1 - k for k in dec) == 6 and all(k for k, m in zip(r, mods) if m.part == "encoder")
+    assert r == random_mask(mods, {"decoder": 0.5}, seed=1)
+    ld = layerdrop_mask(mods, {"decoder": 0.5})
+    dropped = {m.layer for k, m in zip(ld, mods) if m.part == "decoder" and not k}
+    assert len(dropped) == 2
+    for layer in dropped:  # whole layers
+        assert all(not k for k, m in zip(ld, mods) if m.part == "decoder" and m.layer == layer)
+
+
+def test_mask_file_roundtrip_and_wrong_model_rejected(tmp_path: Path) -> None:
+    model = SpeechModel(DIMS)
+    names = [m.name for m in model.modules_list]
+    mf = MaskFile(names, model.arch_hash(), model.weights_hash(), {"context": {"asr:de": [1] * len(names)}})
+    mf.save(tmp_path / "masks.json")
+    loaded = MaskFile.load(tmp_path / "masks.json")
+    loaded.check_model(names, model.arch_hash(), model.weights_hash(), tmp_path / "masks.json")
+    assert loaded.keep("context", "asr:de") == (True,) * len(names)
+    other = SpeechModel(ModelDims(80, 40, 32, 4, 2, 2, 64, 64, 5, 3, 8, 0.0, 32))
+    with pytest.raises(CheckpointError, match="another architecture"):
+        loaded.check_model([m.name for m in other.modules_list], other.arch_hash(), other.weights_hash(), tmp_path / "m")
+    torch.manual_seed(9)
+    retrained = SpeechModel(DIMS)
+    with pytest.raises(CheckpointError, match="base weights"):
+        loaded.check_model(names, retrained.arch_hash(), retrained.weights_hash(), tmp_path / "m")
+    (tmp_path / "bad.json").write_text('{"modules": [1, 2')
+    with pytest.raises(CheckpointError, match="not a readable mask file"):
+        MaskFile.load(tmp_path / "bad.json")
+
+
+def test_per_utterance_predictor_uses_features() -> None:
+    torch.manual_seed(0)
+    pred = GatePredictor(30, ["task", "pooled_features"], 8, 16, 80, 0, 0.0).eval()
+    assert pred.per_utterance
+    c = ctx_batch()
+    c2 = ContextInputs(c.task, c.source_lang, c.target_lang, c.speaker, c.pooled + 5.0)
+    assert not torch.equal(pred(c), pred(c2))

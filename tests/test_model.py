@@ -1,0 +1,163 @@
+"""Model: real skipping matches the multiplicative reference, KV-cache decoding, FLOPs, materialized checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prune_cli.model.checkpoint import load_model, save_model
+from prune_cli.model.decoding import DecodeOptions, decode
+from prune_cli.model.flops import count_flops, per_module_flops
+from prune_cli.model.layers import MultiHeadAttention
+from prune_cli.model.s2t import ModelDims, SpeechModel
+from prune_cli.errors import CheckpointError
+
+DIMS = ModelDims(n_mels=80, vocab=40, d_model=32, heads=4, enc_layers=2, dec_layers=2, ffn_dim=64, cgmlp_dim=64,
+                 cgmlp_kernel=5, merge_kernel=3, frontend_channels=8, dropout=0.0, max_len=32)
+
+
+def tiny(seed: int = 0) -> SpeechModel:
+    torch.manual_seed(seed)
+    return SpeechModel(DIMS).eval()
+
+
+def inputs(b: int = 3, t: int = 90):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, t, 80, generator=g)
+    lens = torch.tensor([t - 7 * i for i in range(b)])
+    y = torch.randint(11, 40, (b, 6), generator=g)
+    return x, lens, y
+
+
+def random_keeps(n: int, k: int) -> list[tuple[bool, ...]]:
+    rng = random.Random(0)
+    return [tuple(rng.random() < 0.5 for _ in range(n)) for _ in range(k)] + [(False,) * n, (True,) * n]
+
+
+def test_skipping_equals_reference_y_plus_g_times_f() -> None:
+    model = tiny()
+    x, lens, y = inputs()
+    for keep in random_keeps(model.n_modules, 12):
+        skipped, _, _ = model(x, lens, y, keep=keep)
+        scale = torch.tensor([float(k) for k in keep]).expand(x.shape[0], -1)
+        reference, _, _ = model(x, lens, y, scale=scale)  # every module runs, output multiplied by its gate
+        torch.testing.assert_close(skipped, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_skipped_modules_are_not_executed() -> None:
+    model = tiny()
+    calls: list[str] = []
+    for m in model.modules_list:
+        part, i, kind = m.name.split(".")
+        getattr(getattr(model, part).layers[int(i)], kind).register_forward_hook(lambda *_, n=m.name: calls.append(n))
+    keep = tuple(i % 3 != 0 for i in range(model.n_modules))
+    x, lens, y = inputs()
+    model(x, lens, y, keep=keep)
+    assert set(calls) == {m.name for m, k in zip(model.modules_list, keep) if k}
+
+
+def test_cached_decoding_equals_uncached() -> None:
+    model = tiny(3)
+    x, lens, _ = inputs(4)
+    prompt = [1, 7, 5, 6]
+    for keep in [None, *random_keeps(model.n_modules, 3)[:3]]:
+        for beam in (1, 3):
+            a = decode(model, x, lens, prompt, keep, DecodeOptions(beam_size=beam, use_cache=True))
+            b = decode(model, x, lens, prompt, keep, DecodeOptions(beam_size=beam, use_cache=False))
+            assert a == b
+
+
+def test_tiny_model_overfits_a_handful() -> None:
+    torch.manual_seed(0)
+    model = SpeechModel(DIMS)
+    x, lens, _ = inputs(4, 60)
+    targets = [[11, 12, 13], [14, 15], [16, 17, 18, 19], [20]]
+    prompt = [1, 7, 4, 7]
+    dec_in = torch.full((4, 8), 2)
+    dec_out = torch.full((4, 8), -100)
+    for i, t in enumerate(targets):
+        seq = prompt + t
+        dec_in[i, : len(seq)] = torch.tensor(seq)
+        dec_out[i, len(prompt) - 1 : len(seq)] = torch.tensor(t + [2])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        logits, _, _ = model(x, lens, dec_in)
+        loss = F.cross_entropy(logits.transpose(1, 2), dec_out, ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert loss.item() < 0.05
+    assert decode(model, x, lens, prompt, None, DecodeOptions()) == targets
+
+
+def test_linear_and_attention_flops_match_formula() -> None:
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(5, 10, 64)
+    assert count_flops(lambda: lin(x)).total == 2 * 5 * 10 * 64 * 48
+    b, t, s, d, h = 2, 7, 11, 32, 4
+    attn = MultiHeadAttention(d, h, 0.0, cross=True).eval()
+    q, mem = torch.randn(b, t, d), torch.randn(b, s, d)
+    expected = 2 * b * t * d * d * 2 + 2 * b * s * d * d * 2 + 2 * b * h * t * s * (d // h) * 2
+    with torch.no_grad():
+        assert count_flops(lambda: attn(q, mem=mem)).total == expected
+
+
+def test_skipping_cuts_flops_by_exactly_the_skipped_modules() -> None:
+    model = tiny()
+    x, lens, y = inputs(1)
+    names = [m.name for m in model.modules_list]
+    with torch.no_grad():
+        dense = count_flops(lambda: model(x, lens, y))
+        per = per_module_flops(dense.by_module, names)
+        for keep in random_keeps(model.n_modules, 6):
+            masked = count_flops(lambda: model(x, lens, y, keep=keep))
+            saved = dense.total - masked.total
+            expect = sum(per[n] for n, k in zip(names, keep) if not k)
+            # The encoder merge is shared by attn and cgMLP; when only one runs, its own half stays.
+            assert saved == expect, (keep, saved, expect)
+    with torch.no_grad():
+        one = tuple(n != "decoder.1.ffn" for n in names)
+        masked = count_flops(lambda: model(x, lens, y, keep=one))
+    assert masked.by_module.get("decoder.layers.1.ffn", 0) == 0
+
+
+def test_materialized_model_matches_masked(tmp_path: Path) -> None:
+    model = tiny()
+    x, lens, y = inputs()
+    keep = random_keeps(model.n_modules, 1)[0]
+    removed = [m.name for m, k in zip(model.modules_list, keep) if not k]
+    pruned = SpeechModel(DIMS, removed=removed)
+    pruned.load_state_dict({k: v for k, v in model.state_dict().items() if k in pruned.state_dict()})
+    save_model(tmp_path / "p.pt", pruned)
+    save_model(tmp_path / "d.pt", model)
+    loaded, _ = load_model(tmp_path / "p.pt")
+    loaded.eval()
+    assert (tmp_path / "p.pt").stat().st_size < (tmp_path / "d.pt").stat().st_size
+    a, _, _ = model(x, lens, y, keep=keep)
+    b, _, _ = loaded(x, lens, y)
+    torch.testing.assert_close(a, b)
+    prompt = [1, 7, 5, 6]
+    assert decode(model, x, lens, prompt, keep, DecodeOptions()) == decode(loaded, x, lens, prompt, None, DecodeOptions())
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "base.pt"
+    bad.write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+        load_model(bad)
+    with pytest.raises(Exception, match="checkpoint not found"):
+        load_model(tmp_path / "nope.pt")
+
+
+def test_module_names_are_stable() -> None:
+    names = [m.name for m in tiny().modules_list]
+    assert names[:4] == ["encoder.0.ffn1", "encoder.0.attn", "encoder.0.cgmlp", "encoder.0.ffn2"]
+    assert names[-3:] == ["decoder.1.self_attn", "decoder.1.src_attn", "decoder.1.ffn"]
+    assert len(set(itertools.chain(names))) == len(names) == 2 * 4 + 2 * 3

@@ -1,0 +1,188 @@
+"""The whole pipeline on ci_smoke: outputs, reproducibility, resumable stages, eval metrics, profile, sweep."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jiwer
+import pytest
+import sacrebleu
+
+from conftest import cli, read_json
+from prune_cli.engine.evaluate import normalize
+from prune_cli.engine.profile import Timer, measure_interleaved, stats_ms
+
+
+def test_run_writes_every_stage_output(smoke_run: Path) -> None:
+    for rel in ("config.yaml", "env.json", "metrics.json", "masks.json", "eval/summary.json", "profile/summary.json",
+                "report.md", "plots/masks_context.png", "plots/cost.png", "checkpoints/base.pt", "checkpoints/gates.pt",
+                "checkpoints/static.pt", "tokenizer/tokenizer.json", "cmvn.pt", "logs/base.jsonl", "logs/gates.jsonl"):
+        assert (smoke_run / rel).is_file(), rel
+    env = read_json(smoke_run / "env.json")
+    for key in ("python", "torch", "torchaudio", "device", "git_commit", "seed", "torch_threads", "command"):
+        assert key in env
+    ev = read_json(smoke_run / "eval" / "summary.json")
+    assert set(ev["variants"]) == {"dense", "context", "static"}
+    for table in ev["variants"].values():
+        assert len(table) == 11
+        for ctx, sc in table.items():
+            assert set(sc) == ({"n", "wer", "cer"} if ctx.startswith("asr") else {"n", "bleu", "chrf"})
+    assert "BLEU" in ev["signatures"]["bleu"] or "nrefs" in ev["signatures"]["bleu"]
+    pr = read_json(smoke_run / "profile" / "summary.json")
+    assert pr["device"].startswith("cpu")
+    for v in ("dense", "context", "static"):
+        f = pr["variants"][v]["flops"]
+        assert f["total"] == f["encoder"] + f["decoder"] + f["other"] and f["encoder"] > 0 and f["decoder"] > 0
+        assert set(pr["variants"][v]["latency_ms"]) >= {"median", "p90"}
+    assert set(pr["ratios"]) == {"context", "static"}
+    masks = read_json(smoke_run / "masks.json")
+    assert set(masks["variants"]) == {"context", "static", "random", "layerdrop"}
+    assert len(masks["masks"]) == 11 and all(len(v) == len(masks["modules"]) for v in masks["masks"].values())
+    report = (smoke_run / "report.md").read_text()
+    assert "## Quality" in report and "## Cost" in report and "prune-cli train" in report
+
+
+def test_masks_respect_scope_and_flops_follow_masks(smoke_run: Path) -> None:
+    masks = read_json(smoke_run / "masks.json")
+    enc = [i for i, n in enumerate(masks["modules"]) if n.startswith("encoder")]
+    for vec in masks["variants"]["context"].values():
+        assert all(vec[i] == 1 for i in enc)  # ci_smoke gates the decoder only
+    pr = read_json(smoke_run / "profile" / "summary.json")
+    dense_enc = pr["variants"]["dense"]["flops"]["encoder"]
+    assert pr["variants"]["context"]["flops"]["encoder"] == dense_enc
+
+
+def test_same_seed_gives_identical_summaries(smoke_root: Path, smoke_run: Path, smoke_corpus: list[str]) -> None:
+    other = smoke_root / "run_b"
+    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(other), "--check-against", str(smoke_run), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["check"]["ok"] is True
+    assert read_json(other / "eval" / "summary.json") == read_json(smoke_run / "eval" / "summary.json")
+    assert read_json(other / "masks.json") == read_json(smoke_run / "masks.json")
+
+
+def test_check_against_reports_differences(tmp_path: Path, smoke_run: Path, smoke_corpus: list[str]) -> None:
+    tampered = tmp_path / "tampered"
+    shutil.copytree(smoke_run, tampered)
+    ev = read_json(tampered / "eval" / "summary.json")
+    ctx = sorted(ev["variants"]["dense"])[0]
+    metric = "wer" if ctx.startswith("asr") else "bleu"
+    ev["variants"]["dense"][ctx][metric] += 1.0
+    (tampered / "eval" / "summary.json").write_text(json.dumps(ev))
+    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--check-against", str(tampered), "--quiet")
+    assert r.returncode == 3
+    assert f"check: eval dense {ctx} {metric}:" in r.stderr
+    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--check-against", str(tampered),
+            "--set", "check.wer=2", "--set", "check.bleu=2", "--quiet")
+    assert r.returncode == 0, r.stderr
+
+
+def test_rerun_skips_complete_stages_and_force_redoes(smoke_run: Path, smoke_corpus: list[str]) -> None:
+    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--stages", "base,gates,prune")
+    assert r.returncode == 0
+    assert "[base] up to date, skipped" in r.stderr and "[prune] up to date, skipped" in r.stderr
+    before = (smoke_run / "masks.json").stat().st_mtime_ns
+    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--stages", "prune", "--force", "prune")
+    assert r.returncode == 0 and "[prune] running" in r.stderr
+    assert (smoke_run / "masks.json").stat().st_mtime_ns != before
+    # A changed gates config makes the gates stage stale, not the base.
+    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--stages", "base", "--set", "gates.alpha=1.5")
+    assert "[base] up to date" in r.stderr
+
+
+def test_eval_metrics_equal_jiwer_and_sacrebleu_on_the_written_files(smoke_run: Path) -> None:
+    ev = read_json(smoke_run / "eval" / "summary.json")
+    for variant, table in ev["variants"].items():
+        for ctx, sc in table.items():
+            base = smoke_run / "eval" / variant / ctx.replace(":", "_")
+            hyps = base.with_suffix(".hyp").read_text().splitlines()
+            refs = base.with_suffix(".ref").read_text().splitlines()
+            assert len(hyps) == len(refs) == sc["n"]
+            if "wer" in sc:
+                w = 100 * jiwer.wer([normalize(x) for x in refs], [normalize(x) for x in hyps])
+                assert sc["wer"] == pytest.approx(w, abs=1e-3)
+            else:
+                b = sacrebleu.corpus_bleu(hyps, [refs]).score
+                c = sacrebleu.corpus_chrf(hyps, [refs]).score
+                assert sc["bleu"] == pytest.approx(b, abs=1e-3) and sc["chrf"] == pytest.approx(c, abs=1e-3)
+    rows = [json.loads(x) for x in (smoke_run / "eval" / "utterances.jsonl").read_text().splitlines()]
+    assert len(rows) == sum(sc["n"] for t in ev["variants"].values() for sc in t.values())
+
+
+def test_quality_gate_exit_code_and_json_purity(smoke_run: Path, smoke_corpus: list[str]) -> None:
+    r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--variants", "dense",
+            "--contexts", "asr:en,st:de-en", "--max-wer", "-1", "--json")
+    assert r.returncode == 3
+    doc = json.loads(r.stdout)  # stdout holds exactly one JSON document
+    assert set(doc["variants"]["dense"]) == {"asr:en", "st:de-en"}
+    assert "quality gate: dense asr:en: WER" in r.stderr
+    r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--variants", "dense",
+            "--contexts", "asr:en", "--max-wer", "1000", "--quiet")
+    assert r.returncode == 0
+
+
+def test_latency_harness_statistics() -> None:
+    import torch
+
+    lin = torch.nn.Linear(256, 256)
+    x = torch.randn(64, 256)
+    calls = {"big": lambda: [lin(x) for _ in range(20)], "small": lambda: lin(x[:1])}
+    samples: dict[str, list[float]] = {"big": [], "small": []}
+    for rep in range(8):
+        for k, v in measure_interleaved(calls, Timer(torch.device("cpu")), 1, 1, rotate=rep).items():
+            samples[k] += v
+    st = {k: stats_ms(v) for k, v in samples.items()}
+    for s in st.values():
+        assert s["n"] == 8 and 0 < s["median"] <= s["p90"] and s["stdev"] >= 0
+        assert min(samples["big"]) <= s["mean"] or s is st["small"]
+    assert st["big"]["median"] > st["small"]["median"]
+
+
+def test_profile_device_cuda_without_cuda_is_a_usage_error(smoke_run: Path, smoke_corpus: list[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = cli("profile", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--device", "cuda")
+    assert r.returncode == 2 and "CUDA is not available" in r.stderr
+
+
+def test_sweep_two_values(smoke_root: Path, smoke_run: Path, smoke_corpus: list[str]) -> None:
+    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--sweep", "gates.target.decoder=0.25,0.75",
+            "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    summary = read_json(smoke_run / "sweep" / "summary.json")
+    assert [row["value"] for row in summary["rows"]] == [0.25, 0.75]
+    for row in summary["rows"]:
+        assert {"dense", "context", "static"} <= set(row)
+        child = Path(row["run_dir"])
+        assert read_json(child / "stages" / "base.json").get("shared_from") == str(smoke_run)
+    assert (smoke_run / "plots" / "pareto.png").is_file()
+
+
+def test_materialize_writes_smaller_checkpoints_that_decode_alike(smoke_run: Path, smoke_corpus: list[str]) -> None:
+    import torch
+
+    from prune_cli.model.checkpoint import load_model
+    from prune_cli.model.decoding import DecodeOptions, decode
+
+    r = cli("prune", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--materialize", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    masks = read_json(smoke_run / "masks.json")
+    base, _ = load_model(smoke_run / "checkpoints" / "base.pt")
+    base.eval()
+    x = torch.randn(2, 120, 80)
+    lens = torch.tensor([120, 100])
+    for ctx, info in doc["materialized"].items():
+        keep = tuple(bool(k) for k in masks["masks"][ctx])
+        if all(keep):
+            continue
+        assert info["size_ratio"] < 1.0
+        pruned, _ = load_model(smoke_run / info["path"])
+        pruned.eval()
+        prompt = [1, 6, 4, 6]
+        assert decode(pruned, x, lens, prompt, None, DecodeOptions()) == decode(base, x, lens, prompt, keep, DecodeOptions())

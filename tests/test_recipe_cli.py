@@ -1,0 +1,121 @@
+"""Recipe validation, overrides, includes, and the shell contract (exit codes, --json purity, one line per error)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import cli
+from prune_cli.errors import UsageError
+from prune_cli.recipe import apply_overrides, build_recipe, load_raw, load_recipe
+
+
+def write(p: Path, text: str) -> Path:
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_path_and_close_match(tmp_path: Path) -> None:
+    rec = write(tmp_path / "r.yaml", "include: " + str(Path("recipes/demo.yaml").resolve()) + "\nmodel:\n  d_modle: 128\n")
+    with pytest.raises(UsageError) as e:
+        load_recipe(str(rec))
+    assert any("model.d_modle: unknown key (did you mean 'model.d_model'?)" in p for p in e.value.problems)
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path: Path) -> None:
+    rec = write(tmp_path / "r.yaml", "base:\n  steps: lots\ngates:\n  scope: middle\n")
+    with pytest.raises(UsageError) as e:
+        load_recipe(str(rec))
+    text = "\n".join(e.value.problems)
+    assert "base.steps: expected int, got 'lots'" in text
+    assert "gates.scope: expected one of 'encoder', 'decoder', 'both', got 'middle'" in text
+    assert len(e.value.problems) == 2  # one line per problem
+
+
+def test_overrides_parse_yaml_scalars_and_lists() -> None:
+    r, _ = load_recipe("ci_smoke", ["base.steps=7", "gates.target.decoder=0.25", "profile.batch_sizes=[1,2,3]",
+                                   "data.synth.snr_db=null", "gates.finetune_base=true"])
+    assert r.base.steps == 7 and r.gates.target.decoder == 0.25
+    assert r.profile.batch_sizes == [1, 2, 3] and r.data.synth.snr_db is None and r.gates.finetune_base is True
+
+
+def test_override_unknown_key_is_rejected() -> None:
+    with pytest.raises(UsageError) as e:
+        load_recipe("ci_smoke", ["base.stpes=3"])
+    assert "base.stpes: unknown key (did you mean 'base.steps'?)" in e.value.problems[0]
+
+
+def test_include_merges_parent_first(tmp_path: Path) -> None:
+    write(tmp_path / "parent.yaml", "name: parent\nbase:\n  steps: 11\n  lr: 0.5\n")
+    child = write(tmp_path / "child.yaml", "include: parent.yaml\nname: child\nbase:\n  steps: 22\n")
+    r, _ = load_recipe(str(child))
+    assert (r.name, r.base.steps, r.base.lr) == ("child", 22, 0.5)
+    write(tmp_path / "a.yaml", "include: b.yaml\n")
+    write(tmp_path / "b.yaml", "include: a.yaml\n")
+    with pytest.raises(UsageError, match="include cycle"):
+        load_raw(tmp_path / "a.yaml")
+
+
+def test_semantic_checks() -> None:
+    raw = apply_overrides({}, ["model.d_model=100", "model.heads=3", "data.synth.languages=[en,xx]"])
+    with pytest.raises(UsageError) as e:
+        build_recipe(raw)
+    text = "\n".join(e.value.problems)
+    assert "not divisible" in text and "unsupported language 'xx'" in text
+
+
+def test_validate_exits_2_with_close_match(tmp_path: Path) -> None:
+    rec = write(tmp_path / "bad.yaml", "name: x\ngates:\n  scpoe: decoder\n")
+    r = cli("recipe", "validate", str(rec))
+    assert r.returncode == 2
+    assert "gates.scpoe: unknown key (did you mean 'gates.scope'?)" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_malformed_yaml_reports_file_line_column(tmp_path: Path) -> None:
+    rec = write(tmp_path / "broken.yaml", "name: x\nbase:\n  steps: [1, 2\n  lr: 3\n")
+    r = cli("recipe", "validate", str(rec))
+    assert r.returncode == 2
+    line = r.stderr.strip().splitlines()[0]
+    assert line.startswith(f"error: {rec}:") and "invalid YAML" in line
+    _, lineno, col = line.split(": ")[1].split(":")[:3]
+    assert int(lineno) >= 3 and int(col) >= 1
+    assert "Traceback" not in r.stderr
+
+
+def test_recipe_show_resolves_overrides_and_json_is_pure() -> None:
+    r = cli("recipe", "show", "ci_smoke", "--set", "base.steps=9", "--json")
+    assert r.returncode == 0
+    doc = json.loads(r.stdout)  # the only thing on stdout
+    assert doc["base"]["steps"] == 9 and doc["name"] == "ci_smoke"
+    r = cli("recipe", "show", "ci_smoke")
+    assert "steps: 40" in r.stdout
+
+
+def test_recipe_list_and_version() -> None:
+    r = cli("recipe", "list", "--json")
+    names = {x["name"] for x in json.loads(r.stdout)}
+    assert {"demo", "ci_smoke"} <= names
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("prune-cli ")
+
+
+def test_help_lists_commands() -> None:
+    r = cli("--help")
+    for cmd in ("train", "prune", "eval", "profile", "run", "recipe", "data"):
+        assert cmd in r.stdout
+
+
+def test_missing_inputs_name_the_producing_command(tmp_path: Path) -> None:
+    r = cli("eval", "ci_smoke", "--run-dir", str(tmp_path / "empty"), "--set", f"data.manifest_dir={tmp_path / 'none'}")
+    assert r.returncode == 1
+    assert "prune-cli" in r.stderr and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_recipe_and_bad_device(tmp_path: Path) -> None:
+    r = cli("train", "ci_smok")
+    assert r.returncode == 2 and "did you mean 'ci_smoke'" in r.stderr
+    r = cli("run", "ci_smoke", "--stages", "base,bogus", "--run-dir", str(tmp_path))
+    assert r.returncode == 2 and "unknown stage 'bogus'" in r.stderr
