@@ -208,7 +208,9 @@ def run(
 ) -> None:
     """Run the whole pipeline, skipping stages whose outputs are complete for this config."""
     with guarded(debug, json_out, quiet):
-        from prune_cli.engine.pipeline import check_against as compare, parse_sweep, run_stages, sweep as do_sweep
+        from prune_cli.engine.pipeline import check_against as compare
+        from prune_cli.engine.pipeline import parse_sweep, run_stages
+        from prune_cli.engine.pipeline import sweep as do_sweep
         from prune_cli.engine.session import Session
         from prune_cli.recipe import apply_overrides, load_raw, resolve_recipe_path
         from prune_cli.runs import STAGES, RunDir

@@ -154,6 +154,9 @@ class PruneConfig:
         default_factory=lambda: ["static", "random", "layerdrop"]
     )
     materialize: bool = False
+    # The static baseline skips exactly the target share of each scope (largest skip margins first) instead of its
+    # raw argmax, so it is compared with the context-aware masks at the same sparsity.
+    calibrate_static: bool = True
 
 
 @dataclass

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from prune_cli.errors import CheckpointError
 from prune_cli.model.checkpoint import load_model, save_model
 from prune_cli.model.decoding import DecodeOptions, decode
 from prune_cli.model.flops import count_flops, per_module_flops
 from prune_cli.model.layers import MultiHeadAttention
 from prune_cli.model.s2t import ModelDims, SpeechModel
-from prune_cli.errors import CheckpointError
 
 DIMS = ModelDims(n_mels=80, vocab=40, d_model=32, heads=4, enc_layers=2, dec_layers=2, ffn_dim=64, cgmlp_dim=64,
                  cgmlp_kernel=5, merge_kernel=3, frontend_channels=8, dropout=0.0, max_len=32)

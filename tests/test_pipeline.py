@@ -44,14 +44,23 @@ def test_run_writes_every_stage_output(smoke_run: Path) -> None:
     assert "## Quality" in report and "## Cost" in report and "prune-cli train" in report
 
 
-def test_masks_respect_scope_and_flops_follow_masks(smoke_run: Path) -> None:
+def test_static_is_calibrated_to_target_and_flops_follow_masks(smoke_run: Path) -> None:
     masks = read_json(smoke_run / "masks.json")
-    enc = [i for i, n in enumerate(masks["modules"]) if n.startswith("encoder")]
-    for vec in masks["variants"]["context"].values():
-        assert all(vec[i] == 1 for i in enc)  # ci_smoke gates the decoder only
+    targets = masks["meta"]["targets"]
+    assert targets == {"encoder": 0.25, "decoder": 0.5}  # ci_smoke inherits demo's gates (scope both)
+    for st in masks["stats"]["static"].values():
+        assert st["sparsity_encoder"] == 0.25 and st["sparsity_decoder"] == 0.5
+    for st in masks["stats"]["layerdrop"].values():
+        assert st["sparsity_decoder"] == 0.5  # whole layers: 1 of 2 (the encoder's 25% rounds to no whole layer)
     pr = read_json(smoke_run / "profile" / "summary.json")
-    dense_enc = pr["variants"]["dense"]["flops"]["encoder"]
-    assert pr["variants"]["context"]["flops"]["encoder"] == dense_enc
+    dense = pr["variants"]["dense"]["flops"]
+    static = pr["variants"]["static"]["flops"]
+    assert static["encoder"] < dense["encoder"]
+    skipped_kinds = {n.split(".")[0] + "." + n.split(".")[2] for n, k in zip(masks["modules"], next(iter(masks["variants"]["static"].values()))) if not k}
+    for kind, f in dense["by_kind"].items():
+        if kind not in skipped_kinds:
+            continue
+        assert static["by_kind"].get(kind, 0) < f
 
 
 def test_same_seed_gives_identical_summaries(smoke_root: Path, smoke_run: Path, smoke_corpus: list[str]) -> None:
@@ -186,3 +195,22 @@ def test_materialize_writes_smaller_checkpoints_that_decode_alike(smoke_run: Pat
         pruned.eval()
         prompt = [1, 6, 4, 6]
         assert decode(pruned, x, lens, prompt, None, DecodeOptions()) == decode(base, x, lens, prompt, keep, DecodeOptions())
+
+
+def test_joint_finetuning_saves_the_finetuned_base_used_downstream(tmp_path: Path, smoke_run: Path,
+                                                                     smoke_corpus: list[str]) -> None:
+    import torch
+
+    run_dir = tmp_path / "ft"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("sweep", "eval", "profile", "pruned"))
+    sets = [*smoke_corpus, "--set", "gates.finetune_base=true", "--set", "gates.steps=6", "--set", "gates.base_lr=0.01"]
+    r = cli("run", "ci_smoke", *sets, "--run-dir", str(run_dir), "--stages", "base,gates,prune", "--quiet")
+    assert r.returncode == 0, r.stderr
+    base = torch.load(run_dir / "checkpoints" / "base.pt", weights_only=False)["state_dict"]
+    tuned = torch.load(run_dir / "checkpoints" / "base_finetuned.pt", weights_only=False)["state_dict"]
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)
+    masks = read_json(run_dir / "masks.json")
+    from prune_cli.model.checkpoint import load_model
+
+    model, _ = load_model(run_dir / "checkpoints" / "base_finetuned.pt")
+    assert masks["weights_hash"] == model.weights_hash()

@@ -20,7 +20,8 @@ Keep = tuple[bool, ...]
 
 @torch.no_grad()
 def predict_keep(
-    s: Session, predictor: GatePredictor, spec: SparsitySpec, split: Split, idx: Sequence[int], speakers: list[str]
+    s: Session, predictor: GatePredictor, spec: SparsitySpec, split: Split, idx: Sequence[int], speakers: list[str],
+    exact: bool = False,
 ) -> list[Keep]:
     """Deterministic keep pattern per utterance (inference path: argmax, no noise)."""
     out: list[Keep] = []
@@ -32,9 +33,33 @@ def predict_keep(
         us = [split.utts[i] for i in chunk]
         ctx = ContextInputs.build([u.task for u in us], [u.source_lang for u in us], [u.target_lang for u in us],
                                   [u.speaker for u in us], x, lens, speakers)
-        keep = spec.force_ungated(deterministic_gates(predictor(ctx))).bool().cpu()
+        logits = predictor(ctx)
+        gates = exact_sparsity_gates(logits, spec) if exact else deterministic_gates(logits)
+        keep = spec.force_ungated(gates).bool().cpu()
         out += [tuple(row.tolist()) for row in keep]
     return out
+
+
+def exact_sparsity_gates(logits: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
+    """Per gated scope, skip the modules with the largest skip-minus-keep margin until the target is met.
+
+    Used for the static baseline: one shared logit table trained with Gumbel noise meets the target only in
+    expectation, so its argmax can land off target. Where argmax meets the target this is the same mask.
+    """
+    margin = (logits[..., 0] - logits[..., 1]).detach().cpu()
+    keep = torch.ones_like(margin)
+    w = spec.weights
+    for scope, target in spec.targets.items():
+        idx = torch.nonzero(spec.scope_mask[scope]).flatten()
+        total = float(w[idx].sum())
+        for row in range(margin.shape[0]):
+            skipped = 0.0
+            for j in idx[torch.argsort(margin[row, idx], descending=True, stable=True)].tolist():
+                if skipped + 0.5 * float(w[j]) > target * total:
+                    break
+                keep[row, j] = 0.0
+                skipped += float(w[j])
+    return keep.to(logits.device)
 
 
 def utterance_patterns(

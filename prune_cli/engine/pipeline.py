@@ -15,7 +15,6 @@ from prune_cli.progress import log, progress
 from prune_cli.recipe import Recipe, apply_overrides, build_recipe, parse_override
 from prune_cli.runs import STAGES, RunDir, atomic_write_json
 
-
 # ---------------------------------------------------------------- stages
 
 
@@ -61,7 +60,8 @@ def stage_gates(s: Session) -> dict[str, Any]:
 
 
 def stage_prune(s: Session, materialize: bool | None = None) -> dict[str, Any]:
-    from prune_cli.engine.prune import export_masks, kept_summary, materialize as write_pruned, plot_heatmap
+    from prune_cli.engine.prune import export_masks, kept_summary, plot_heatmap
+    from prune_cli.engine.prune import materialize as write_pruned
 
     mf = export_masks(s)
     for v in mf.variants:

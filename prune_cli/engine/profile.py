@@ -20,7 +20,7 @@ from prune_cli.engine.session import Session
 from prune_cli.model.decoding import DecodeOptions, decode
 from prune_cli.model.flops import count_flops, stable_name
 from prune_cli.model.s2t import SpeechModel
-from prune_cli.progress import log, progress
+from prune_cli.progress import progress
 from prune_cli.runs import atomic_write_json
 
 

@@ -53,7 +53,8 @@ def export_masks(s: Session) -> MaskFile:
     per_utt = pred.per_utterance
     variants["context"] = _masks_for_contexts(s, pred, spec, [train, test], contexts, speakers)
     if (s.run.checkpoints / "static.pt").is_file():
-        variants["static"] = _masks_for_contexts(s, s.predictor("static"), spec, [train, test], contexts, speakers)
+        variants["static"] = _masks_for_contexts(s, s.predictor("static"), spec, [train, test], contexts, speakers,
+                                                 exact=s.recipe.prune.calibrate_static)
     if "random" in s.recipe.prune.baselines:
         m = random_mask(model.modules_list, targets, s.recipe.seed)
         variants["random"] = {c: m for c in contexts}
@@ -73,7 +74,7 @@ def export_masks(s: Session) -> MaskFile:
 
 
 def _masks_for_contexts(s: Session, pred, spec: SparsitySpec, splits: list[Split], contexts: list[str],  # noqa: ANN001
-                        speakers: list[str]) -> dict[str, list[int]]:
+                        speakers: list[str], exact: bool = False) -> dict[str, list[int]]:
     """Context-only predictors give one pattern per context; acoustic/speaker ones give each context's mode."""
     per_ctx: dict[str, list[tuple[bool, ...]]] = defaultdict(list)
     for split in splits:
@@ -84,7 +85,7 @@ def _masks_for_contexts(s: Session, pred, spec: SparsitySpec, splits: list[Split
             if seen[u.context] < cap:
                 seen[u.context] += 1
                 idx.append(i)
-        for i, keep in zip(idx, predict_keep(s, pred, spec, split, idx, speakers)):
+        for i, keep in zip(idx, predict_keep(s, pred, spec, split, idx, speakers, exact)):
             per_ctx[split.utts[i].context].append(keep)
     return {c: [int(k) for k in mode_pattern(per_ctx[c])] for c in contexts}
 

@@ -86,8 +86,9 @@ class GateObjective(nn.Module):
         if step is None:
             keep = deterministic_gates(logits)
         else:
-            keep = gumbel_straight_through(logits, tau_at(step, self.total, g.tau_start, g.tau_end),
-                                           derived_generator(self.s.recipe.seed, GUMBEL_SALT, step))
+            tau = tau_at(step, self.total, g.tau_start, g.tau_end)
+            keep = gumbel_straight_through(logits, tau, derived_generator(self.s.recipe.seed, GUMBEL_SALT, step),
+                                           noise_scale=tau / g.tau_start)
         return self.spec.force_ungated(keep)
 
     def forward(self, batch: Batch, step: int | None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -190,6 +191,7 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
             })
 
     objective = DDP(spec.objective) if s.dist.world > 1 else spec.objective
+    tb = _tensorboard(s.run.path / "tensorboard" / spec.name) if s.dist.is_main else None
     spec.train_mode()
     plan = _batch_plan(train, s, epoch)
     t0 = time.monotonic()
@@ -217,6 +219,9 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
                         elapsed_s=round(time.monotonic() - t0, 2))
             if s.dist.is_main and (step % spec.log_every == 0 or step == spec.steps):
                 append_jsonl(s.run.path / "logs" / f"{spec.name}.jsonl", logs)
+                if tb is not None:
+                    for k, v in logs.items():
+                        tb.add_scalar(f"{spec.name}/{k}", v, step)
             bar.advance(1, postfix=f"loss {logs['loss']:.3f} acc {logs['acc']:.3f}")
             if step % spec.val_every == 0 or step == spec.steps:
                 metrics = validate(spec, dev, s)
@@ -237,6 +242,15 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
                 save(last)
     spec.eval_mode()
     return metrics
+
+
+def _tensorboard(path: Path):  # noqa: ANN202
+    """A SummaryWriter when the tensorboard package is installed; None otherwise (JSONL logs always exist)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
 
 
 def average_checkpoints(paths: list[Path], key: str) -> dict[str, torch.Tensor]:

@@ -87,10 +87,15 @@ class GatePredictor(nn.Module):
         return "pooled_features" in self.inputs or "speaker" in self.inputs
 
 
-def gumbel_straight_through(logits: torch.Tensor, tau: float, gen: torch.Generator) -> torch.Tensor:
-    """Hard 0/1 keep gates in the forward pass, Gumbel-Softmax gradients in the backward pass."""
+def gumbel_straight_through(logits: torch.Tensor, tau: float, gen: torch.Generator, noise_scale: float = 1.0) -> torch.Tensor:
+    """Hard 0/1 keep gates in the forward pass, Gumbel-Softmax gradients in the backward pass.
+
+    `noise_scale` anneals the Gumbel noise with the temperature. With full noise, the hard decisions only meet the
+    sparsity target in expectation, and a gate whose keep probability settles at, say, 0.75 is always kept by the
+    deterministic argmax at inference; annealed noise makes training decisions converge to the inference ones.
+    """
     u = torch.rand(logits.shape, generator=gen).to(logits.device).clamp(1e-9, 1 - 1e-9)
-    soft = F.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
+    soft = F.softmax((logits - noise_scale * torch.log(-torch.log(u))) / tau, dim=-1)
     hard = F.one_hot(soft.argmax(-1), 2).to(soft.dtype)
     return (hard - soft.detach() + soft)[..., KEEP]
 
