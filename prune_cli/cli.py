@@ -212,7 +212,7 @@ def run(
         from prune_cli.engine.pipeline import parse_sweep, run_stages
         from prune_cli.engine.pipeline import sweep as do_sweep
         from prune_cli.engine.session import Session
-        from prune_cli.recipe import apply_overrides, load_raw, resolve_recipe_path
+        from prune_cli.recipe import apply_overrides, build_recipe, load_raw, resolve_recipe_path
         from prune_cli.runs import STAGES, RunDir
 
         chosen = _csv(stages) or list(STAGES)
@@ -223,7 +223,8 @@ def run(
         if sweep:
             key, values = parse_sweep(sweep)
             raw = load_raw(resolve_recipe_path(recipe))
-            apply_overrides(raw, [f"{key}={values[0]}"])
+            for v in values:  # every sweep point must be a valid recipe before anything runs
+                build_recipe(apply_overrides(raw, [*(set_ or []), f"{key}={v}"]), str(path))
 
             def make(r, p):  # noqa: ANN001, ANN202
                 return Session(r, RunDir(p, r), s.device)

@@ -27,8 +27,9 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def log(msg: str) -> None:
+    """A log line on stderr (never markup: messages carry brackets such as `[base]`)."""
     if not MODE.quiet:
-        err_console.print(msg, markup=False, soft_wrap=True) if not sys.stderr.isatty() else err_console.print(msg)
+        err_console.print(msg, markup=False, soft_wrap=True)
 
 
 class _Task:

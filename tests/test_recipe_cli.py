@@ -119,3 +119,10 @@ def test_unknown_recipe_and_bad_device(tmp_path: Path) -> None:
     assert r.returncode == 2 and "did you mean 'ci_smoke'" in r.stderr
     r = cli("run", "ci_smoke", "--stages", "base,bogus", "--run-dir", str(tmp_path))
     assert r.returncode == 2 and "unknown stage 'bogus'" in r.stderr
+
+
+def test_sweep_key_is_validated_before_anything_runs(tmp_path: Path) -> None:
+    r = cli("run", "ci_smoke", "--sweep", "gates.target.decodr=0.2,0.4", "--run-dir", str(tmp_path / "r"))
+    assert r.returncode == 2
+    assert "gates.target.decodr: unknown key (did you mean 'gates.target.decoder'?)" in r.stderr
+    assert not (tmp_path / "r" / "stages").exists()

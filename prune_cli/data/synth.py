@@ -12,7 +12,6 @@ import multiprocessing as mp
 import os
 import shutil
 import tempfile
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -222,6 +221,3 @@ def build_corpus(
         atomic_write_text(manifest_dir / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return summary
 
-
-def count_contexts(specs: list[UttSpec]) -> Counter:
-    return Counter((s.split, s.task, s.source_lang, s.target_lang) for s in specs)
