@@ -138,7 +138,7 @@ class GatesConfig:
     tau_start: float = 1.0
     tau_end: float = 0.1
     steps: int = 800
-    lr: float = 5e-3
+    lr: float = 3e-3  # higher rates saturate the gate logits before contexts can diverge
     finetune_base: bool = False
     base_lr: float = 1e-4
     init_keep_logit: float = 2.0
