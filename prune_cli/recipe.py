@@ -143,6 +143,7 @@ class GatesConfig:
     base_lr: float = 1e-4
     init_keep_logit: float = 2.0
     train_static: bool = True  # the `static` baseline is trained with the same loop
+    static_lr: float = 2e-2  # its single logit table needs a larger step to reach the target in the same steps
     val_every: int = 200
     save_every: int = 100
     log_every: int = 50

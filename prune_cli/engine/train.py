@@ -338,7 +338,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
         predictor = build_predictor(r, model.n_modules, inputs, speakers).to(s.device)
         log(f"{name}: predictor inputs {inputs or '(none: static)'}, {count_params(predictor)} parameters "
             f"(base model {count_params(model)}), scope {g.scope}, targets {sparsity.targets}")
-        params = [{"params": list(predictor.parameters()), "lr": g.lr}]
+        params = [{"params": list(predictor.parameters()), "lr": g.lr if inputs else g.static_lr}]
         if joint:
             params.append({"params": list(model.parameters()), "lr": g.base_lr})
         obj = GateObjective(model, predictor, sparsity, s, speakers, g.steps)
