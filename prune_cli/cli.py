@@ -164,9 +164,8 @@ def eval_(
         vs = _csv(variants)
         _check_variants(vs)
         summary = stage_eval(s, vs, _csv(contexts))
-        if vs is None and contexts is None:
+        if summary["complete"]:
             s.run.mark_complete("eval")
-        s.run.update_metrics("eval", summary["averages"])
         emit(summary, json_out, lambda: print_table(eval_table(summary), False))
         fails = quality_gate(summary, max_wer if max_wer is not None else s.recipe.eval.max_wer,
                              min_bleu if min_bleu is not None else s.recipe.eval.min_bleu)
@@ -191,7 +190,7 @@ def profile(
         vs = _csv(variants)
         _check_variants(vs)
         summary = stage_profile(s, vs)
-        if vs is None:
+        if summary["complete"]:
             s.run.mark_complete("profile")
         emit(summary, json_out, lambda: print_table(profile_table(summary), False))
 

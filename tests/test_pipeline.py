@@ -214,3 +214,12 @@ def test_joint_finetuning_saves_the_finetuned_base_used_downstream(tmp_path: Pat
 
     model, _ = load_model(run_dir / "checkpoints" / "base_finetuned.pt")
     assert masks["weights_hash"] == model.weights_hash()
+
+
+def test_subset_eval_goes_beside_the_full_summary(smoke_run: Path, smoke_corpus: list[str]) -> None:
+    before = (smoke_run / "eval" / "summary.json").read_text()
+    r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--variants", "dense", "--contexts", "asr:en", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (smoke_run / "eval" / "summary.json").read_text() == before
+    partial = read_json(smoke_run / "eval" / "partial" / "summary.json")
+    assert partial["complete"] is False and list(partial["variants"]["dense"]) == ["asr:en"]

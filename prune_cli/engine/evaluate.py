@@ -95,7 +95,7 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     full = contexts is None and list(variants) == list(cfg.variants)
     out_dir = s.run.path / "eval" if full else s.run.path / "eval" / "partial"
     summary: dict[str, Any] = {"variants": {}, "signatures": {}, "normalization": NORMALIZATION,
-                               "split": cfg.split, "decoding": vars(opts)}
+                               "split": cfg.split, "decoding": vars(opts), "complete": full}
     rows: list[dict[str, Any]] = []
     with progress("eval", total=len(idx) * len(variants)) as bar:
         for variant in variants:
@@ -126,6 +126,8 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     summary["averages"] = averages(summary["variants"])
     atomic_write_text(out_dir / "utterances.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     atomic_write_json(out_dir / "summary.json", summary)
+    if full:
+        s.run.update_metrics("eval", summary["averages"])
     return summary
 
 

@@ -85,7 +85,8 @@ def stage_profile(s: Session, variants: list[str] | None = None) -> dict[str, An
     from prune_cli.report import plot_cost
 
     summary = profile(s, variants or s.recipe.profile.variants)
-    plot_cost(summary, s.run.path / "plots" / "cost.png")
+    if summary["complete"]:
+        plot_cost(summary, s.run.path / "plots" / "cost.png")
     return summary
 
 

@@ -136,7 +136,8 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
     # One pattern per context; with per-utterance gates that is each context's most frequent pattern.
     keep = {v: {c: None if v == "dense" else masks.keep(v, c) for c in contexts} for v in variants}
 
-    summary: dict[str, Any] = {"device": _device_name(s.device), "threads": torch.get_num_threads(),
+    full = list(variants) == list(cfg.variants)  # a subset goes beside the full profile, never over it
+    summary: dict[str, Any] = {"complete": full, "device": _device_name(s.device), "threads": torch.get_num_threads(),
                                "flops_unit": "FLOPs (a multiply-add counts 2)", "variants": {}, "ratios": {},
                                "latency": {}, "contexts": contexts}
     with progress("profile flops", total=len(variants)) as bar:
@@ -204,7 +205,7 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
                     for bs in sv["latency_by_batch"]
                 },
             }
-    atomic_write_json(s.run.path / "profile" / "summary.json", summary)
+    atomic_write_json(s.run.path / "profile" / ("summary.json" if full else "partial/summary.json"), summary)
     return summary
 
 
