@@ -114,3 +114,24 @@ def test_per_utterance_predictor_uses_features() -> None:
     c = ctx_batch()
     c2 = ContextInputs(c.task, c.source_lang, c.target_lang, c.speaker, c.pooled + 5.0)
     assert not torch.equal(pred(c), pred(c2))
+
+
+def test_exact_sparsity_calibration_hits_target_in_training_units() -> None:
+    from prune_cli.engine.masking import exact_sparsity_gates
+
+    model = SpeechModel(DIMS)
+    logits = torch.randn(5, model.n_modules, 2, generator=torch.Generator().manual_seed(3))
+    spec = SparsitySpec.build(model.modules_list, "both", {"encoder": 0.25, "decoder": 0.5}, None)
+    sp = spec.sparsity(exact_sparsity_gates(logits, spec))
+    assert torch.allclose(sp["encoder"], torch.tensor(0.25)) and torch.allclose(sp["decoder"], torch.tensor(0.5))
+    flops = {m.name: (40 if m.kind in ("ffn1", "ffn2", "ffn") else 10) for m in model.modules_list}
+    wspec = SparsitySpec.build(model.modules_list, "decoder", {"encoder": 0.0, "decoder": 0.5}, flops)
+    keep = exact_sparsity_gates(logits, wspec)
+    half_max = 0.5 * float(wspec.weights.max()) / float(wspec.weights[wspec.scope_mask["decoder"]].sum())
+    assert ((wspec.sparsity(keep)["decoder"] - 0.5).abs() <= half_max + 1e-6).all()
+    assert keep[:, : 3 * 4].eq(1).all()  # the encoder is outside the scope
+    # Where argmax already meets the target, calibration returns the argmax mask.
+    agree = deterministic_gates(logits)
+    dec_sparsity = float(spec.sparsity(spec.force_ungated(agree))["decoder"][0])
+    agree_spec = SparsitySpec.build(model.modules_list, "decoder", {"encoder": 0.0, "decoder": dec_sparsity}, None)
+    assert torch.equal(exact_sparsity_gates(logits[:1], agree_spec)[0, 12:], agree[0, 12:])

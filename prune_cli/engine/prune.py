@@ -41,7 +41,8 @@ def export_masks(s: Session) -> MaskFile:
     ctx_ckpt = read_checkpoint(s.run.gates_ckpt, "prune-cli/gates", "prune-cli train RECIPE --stage gates")
     targets: dict[str, float] = ctx_ckpt["targets"]
     scope = "both" if len(targets) == 2 else next(iter(targets))
-    spec = SparsitySpec.build(model.modules_list, scope, {"encoder": 0.0, "decoder": 0.0} | targets, None)
+    # Same weighting as training (module count, or FLOPs), so calibrated masks hit the target in the same units.
+    spec = SparsitySpec.build(model.modules_list, scope, {"encoder": 0.0, "decoder": 0.0} | targets, ctx_ckpt["module_flops"])
     speakers = ctx_ckpt["speakers"]
     mean_frames = int(sum(f.shape[0] for f in train.feats) / len(train))
     flops = ctx_ckpt["module_flops"] or module_flops(model, mean_frames, 12)
