@@ -126,3 +126,13 @@ def test_sweep_key_is_validated_before_anything_runs(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "gates.target.decodr: unknown key (did you mean 'gates.target.decoder'?)" in r.stderr
     assert not (tmp_path / "r" / "stages").exists()
+
+
+def test_model_summary_reports_params_and_flops_per_module() -> None:
+    r = cli("model", "summary", "ci_smoke", "--frames", "200", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["prunable_modules"] == len(doc["per_module_flops"]) == 2 * 4 + 2 * 3
+    assert all(v > 0 for v in doc["per_module_flops"].values())
+    assert sum(k["flops"] for k in doc["by_kind"].values()) == sum(doc["per_module_flops"].values())
+    assert 0 < sum(k["params"] for k in doc["by_kind"].values()) < doc["params_total"]

@@ -27,7 +27,7 @@ def mask_stats(model: SpeechModel, keep: list[int], module_flops: dict[str, int]
         out[f"sparsity_{scope}"] = round(sum(1 - keep[i] for i in idx) / len(idx), 4)
     out["sparsity_total"] = round(sum(1 - k for k in keep) / len(keep), 4)
     dense = sum(module_flops.values())
-    kept = sum(f for m, k in zip(mods, keep) if k for f in [module_flops[m.name]])
+    kept = sum(module_flops[m.name] for m, k in zip(mods, keep) if k)
     out["prunable_flops"] = int(kept)
     out["prunable_flops_ratio"] = round(kept / dense, 4) if dense else 1.0
     return out

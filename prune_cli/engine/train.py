@@ -7,7 +7,6 @@ reaches the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -372,6 +371,3 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
         s.run.update_metrics("gates", results)
     return results
 
-
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
