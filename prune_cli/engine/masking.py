@@ -77,9 +77,7 @@ def utterance_patterns(
 
 
 def spec_from_masks(model: SpeechModel, masks: MaskFile) -> SparsitySpec:
-    targets = masks.meta.get("targets", {})
-    scope = "both" if len(targets) == 2 else next(iter(targets), "decoder")
-    return SparsitySpec.build(model.modules_list, scope, {"encoder": 0.0, "decoder": 0.0} | targets, None)
+    return SparsitySpec.for_targets(model.modules_list, masks.meta.get("targets", {}), None)
 
 
 def group_by_pattern(split: Split, idx: Sequence[int], patterns: Sequence[Keep | None]) -> dict[tuple[str, Keep | None], list[int]]:

@@ -40,9 +40,8 @@ def export_masks(s: Session) -> MaskFile:
     train, test = s.split("train"), s.split(s.recipe.eval.split)
     ctx_ckpt = read_checkpoint(s.run.gates_ckpt, "prune-cli/gates", "prune-cli train RECIPE --stage gates")
     targets: dict[str, float] = ctx_ckpt["targets"]
-    scope = "both" if len(targets) == 2 else next(iter(targets))
     # Same weighting as training (module count, or FLOPs), so calibrated masks hit the target in the same units.
-    spec = SparsitySpec.build(model.modules_list, scope, {"encoder": 0.0, "decoder": 0.0} | targets, ctx_ckpt["module_flops"])
+    spec = SparsitySpec.for_targets(model.modules_list, targets, ctx_ckpt["module_flops"])
     speakers = ctx_ckpt["speakers"]
     mean_frames = int(sum(f.shape[0] for f in train.feats) / len(train))
     flops = ctx_ckpt["module_flops"] or module_flops(model, mean_frames, 12)
@@ -66,7 +65,7 @@ def export_masks(s: Session) -> MaskFile:
     mf = MaskFile(
         modules=[m.name for m in model.modules_list], arch_hash=model.arch_hash(), weights_hash=model.weights_hash(),
         variants=variants, stats=stats, per_utterance=per_utt,
-        meta={"targets": targets, "scope": scope, "speakers": speakers, "module_flops": flops,
+        meta={"targets": targets, "scope": ctx_ckpt["scope"], "speakers": speakers, "module_flops": flops,
               "reference_utterance": {"frames": mean_frames, "tokens": 12}, "recipe_hash": s.run.stage_hash("prune")},
     )
     mf.save(s.run.masks)

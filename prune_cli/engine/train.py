@@ -239,6 +239,8 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
                         save(path)
             if step % spec.save_every == 0 or step == spec.steps:
                 save(last)
+    if tb is not None:
+        tb.close()  # flush the event file
     spec.eval_mode()
     return metrics
 

@@ -39,6 +39,14 @@ class SparsitySpec:
             gated |= masks[s]
         return cls(w, masks, gated, {s: targets[s] for s in scopes})
 
+    @classmethod
+    def for_targets(
+        cls, modules: list[PrunableModule], targets: dict[str, float], module_flops: dict[str, int] | None
+    ) -> "SparsitySpec":
+        """Rebuild a trained spec from its gated targets alone (as stored in gate checkpoints and mask files)."""
+        scope = "both" if len(targets) == 2 else next(iter(targets), "decoder")
+        return cls.build(modules, scope, {"encoder": 0.0, "decoder": 0.0} | targets, module_flops)
+
     def sparsity(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         """Weighted skipped fraction per scope for gates (B, M) -> each a (B,) tensor. Differentiable."""
         out = {}
