@@ -35,6 +35,8 @@ app.add_typer(model_app, name="model")
 
 RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML path or bundled recipe name (demo, ci_smoke).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: key.path=value (YAML scalar or list).")]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Overrides after the recipe, torchtune style: key.path=value ...",
+                                                             show_default=False)]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory (default runs/<recipe name>).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
@@ -87,6 +89,14 @@ def emit(result: Any, json_out: bool, render=None) -> None:  # noqa: ANN001
         render()
 
 
+def _sets(set_: list[str] | None, overrides: list[str] | None) -> list[str]:
+    """--set values, then positional key=value overrides (later wins)."""
+    bad = [o for o in overrides or [] if "=" not in o]
+    if bad:
+        raise UsageError([f"unexpected argument {o!r}: overrides are key.path=value" for o in bad])
+    return [*(set_ or []), *(overrides or [])]
+
+
 def open_session(recipe: str, sets: list[str] | None, run_dir: Path | None, device: str):  # noqa: ANN201
     from prune_cli.engine.session import Session, resolve_device
     from prune_cli.recipe import load_recipe
@@ -105,7 +115,7 @@ def open_session(recipe: str, sets: list[str] | None, run_dir: Path | None, devi
 @app.command()
 def train(
     recipe: RecipeArg, stage: Annotated[str, typer.Option(help="base | gates | all")] = "all",
-    set_: SetOpt = None, run_dir: RunDirOpt = None, device: DeviceOpt = "auto", json_out: JsonOpt = False,
+    overrides: OverridesArg = None, set_: SetOpt = None, run_dir: RunDirOpt = None, device: DeviceOpt = "auto", json_out: JsonOpt = False,
     quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Train the base model (stage base) and/or the gate predictors (stage gates). Rerun to resume."""
@@ -114,7 +124,7 @@ def train(
 
         if stage not in ("base", "gates", "all"):
             raise UsageError(f"--stage {stage!r}: expected base, gates or all")
-        s, _ = open_session(recipe, set_, run_dir, device)
+        s, _ = open_session(recipe, _sets(set_, overrides), run_dir, device)
         out = {}
         for st in (("base", "gates") if stage == "all" else (stage,)):
             if stage == "all" and s.run.stage_complete(st):
@@ -130,7 +140,7 @@ def train(
 @app.command()
 def prune(
     recipe: RecipeArg, materialize: Annotated[bool, typer.Option(help="Also write one pruned checkpoint per context.")] = False,
-    set_: SetOpt = None, run_dir: RunDirOpt = None, device: DeviceOpt = "auto", json_out: JsonOpt = False,
+    overrides: OverridesArg = None, set_: SetOpt = None, run_dir: RunDirOpt = None, device: DeviceOpt = "auto", json_out: JsonOpt = False,
     quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Export one binary mask per context (and baselines) to masks.json, with a heatmap."""
@@ -138,7 +148,7 @@ def prune(
         from prune_cli.engine.pipeline import stage_prune
         from prune_cli.report import kept_table, print_table
 
-        s, _ = open_session(recipe, set_, run_dir, device)
+        s, _ = open_session(recipe, _sets(set_, overrides), run_dir, device)
         out = stage_prune(s, materialize or None)
         s.run.mark_complete("prune")
         emit(out, json_out, lambda: print_table(kept_table(out["kept"]), False))
@@ -151,7 +161,7 @@ def eval_(
     contexts: Annotated[Optional[str], typer.Option(help="Comma list of context keys, e.g. asr:de,st:de-en.")] = None,
     max_wer: Annotated[Optional[float], typer.Option(help="Exit 3 if any ASR context's WER is above this.")] = None,
     min_bleu: Annotated[Optional[float], typer.Option(help="Exit 3 if any ST context's BLEU is below this.")] = None,
-    set_: SetOpt = None, run_dir: RunDirOpt = None, device: DeviceOpt = "auto", json_out: JsonOpt = False,
+    overrides: OverridesArg = None, set_: SetOpt = None, run_dir: RunDirOpt = None, device: DeviceOpt = "auto", json_out: JsonOpt = False,
     quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Decode each context with each variant; WER/CER for ASR, BLEU/chrF for ST."""
@@ -160,7 +170,7 @@ def eval_(
         from prune_cli.engine.pipeline import stage_eval
         from prune_cli.report import eval_table, print_table
 
-        s, _ = open_session(recipe, set_, run_dir, device)
+        s, _ = open_session(recipe, _sets(set_, overrides), run_dir, device)
         vs = _csv(variants)
         _check_variants(vs)
         summary = stage_eval(s, vs, _csv(contexts))
@@ -178,7 +188,7 @@ def eval_(
 @app.command()
 def profile(
     recipe: RecipeArg, variants: Annotated[Optional[str], typer.Option(help="Comma list of variants.")] = None,
-    set_: SetOpt = None, run_dir: RunDirOpt = None, device: DeviceOpt = "auto", json_out: JsonOpt = False,
+    overrides: OverridesArg = None, set_: SetOpt = None, run_dir: RunDirOpt = None, device: DeviceOpt = "auto", json_out: JsonOpt = False,
     quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """FLOPs and latency of dense vs pruned variants (CUDA events on GPU, perf_counter on CPU)."""
@@ -186,7 +196,7 @@ def profile(
         from prune_cli.engine.pipeline import stage_profile
         from prune_cli.report import print_table, profile_table
 
-        s, _ = open_session(recipe, set_, run_dir, device)
+        s, _ = open_session(recipe, _sets(set_, overrides), run_dir, device)
         vs = _csv(variants)
         _check_variants(vs)
         summary = stage_profile(s, vs)
@@ -202,7 +212,7 @@ def run(
     force: Annotated[Optional[list[str]], typer.Option(help="Redo this stage and the ones after it.")] = None,
     sweep: Annotated[Optional[str], typer.Option(help="key.path=v1,v2,...: gates/prune/eval/profile per value on one base.")] = None,
     check_against: Annotated[Optional[Path], typer.Option(help="Compare metrics with another run dir; exit 3 on a mismatch.")] = None,
-    set_: SetOpt = None, run_dir: RunDirOpt = None, device: DeviceOpt = "auto", json_out: JsonOpt = False,
+    overrides: OverridesArg = None, set_: SetOpt = None, run_dir: RunDirOpt = None, device: DeviceOpt = "auto", json_out: JsonOpt = False,
     quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Run the whole pipeline, skipping stages whose outputs are complete for this config."""
@@ -218,19 +228,20 @@ def run(
         for st in chosen + list(force or []):
             if st not in STAGES:
                 raise UsageError(f"unknown stage {st!r} (stages: {', '.join(STAGES)})")
-        s, path = open_session(recipe, set_, run_dir, device)
+        sets = _sets(set_, overrides)
+        s, path = open_session(recipe, sets, run_dir, device)
         if sweep:
             key, values = parse_sweep(sweep)
             raw = load_raw(resolve_recipe_path(recipe))
             for v in values:  # every sweep point must be a valid recipe before anything runs
-                build_recipe(apply_overrides(raw, [*(set_ or []), f"{key}={v}"]), str(path))
+                build_recipe(apply_overrides(raw, [*sets, f"{key}={v}"]), str(path))
 
             def make(r, p):  # noqa: ANN001, ANN202
                 return Session(r, RunDir(p, r), s.device)
 
-            result: dict[str, Any] = {"sweep": do_sweep(s, raw, key, values, make, str(path), set_ or [])}
+            result: dict[str, Any] = {"sweep": do_sweep(s, raw, key, values, make, str(path), sets)}
         else:
-            result = run_stages(s, [st for st in STAGES if st in chosen], list(force or []), str(path), set_ or [])
+            result = run_stages(s, [st for st in STAGES if st in chosen], list(force or []), str(path), sets)
         out: dict[str, Any] = {"run_dir": str(s.run.path), "stages": {k: ("done" if v != "skipped" else v) for k, v in result.items()}}
         problems: list[str] = []
         if check_against is not None:
@@ -257,22 +268,22 @@ def recipe_list(json_out: JsonOpt = False) -> None:
 
 
 @recipe_app.command("show")
-def recipe_show(recipe: RecipeArg, set_: SetOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+def recipe_show(recipe: RecipeArg, overrides: OverridesArg = None, set_: SetOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     """Print the resolved recipe (includes and overrides applied)."""
     with guarded(debug, json_out):
         from prune_cli.recipe import load_recipe, to_yaml
 
-        r, _ = load_recipe(recipe, set_ or [])
+        r, _ = load_recipe(recipe, _sets(set_, overrides))
         emit(r.to_dict(), json_out, lambda: sys.stdout.write(to_yaml(r)))
 
 
 @recipe_app.command("validate")
-def recipe_validate(recipe: RecipeArg, set_: SetOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+def recipe_validate(recipe: RecipeArg, overrides: OverridesArg = None, set_: SetOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     """Check a recipe: unknown keys (with the close match), types, values. Exit 2 on any problem."""
     with guarded(debug, json_out):
         from prune_cli.recipe import load_recipe
 
-        _, path = load_recipe(recipe, set_ or [])
+        _, path = load_recipe(recipe, _sets(set_, overrides))
         emit({"recipe": str(path), "valid": True}, json_out, lambda: print(f"{path}: ok"))
 
 
@@ -281,7 +292,7 @@ def recipe_validate(recipe: RecipeArg, set_: SetOpt = None, json_out: JsonOpt = 
 
 @data_app.command("synth")
 def data_synth(
-    recipe: RecipeArg, set_: SetOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
+    recipe: RecipeArg, overrides: OverridesArg = None, set_: SetOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Build the multilingual demo corpus (eSpeak NG + num2words) and its manifests."""
     with guarded(debug, json_out, quiet):
@@ -290,7 +301,7 @@ def data_synth(
         from prune_cli.engine.pipeline import synthesize
         from prune_cli.recipe import load_recipe
 
-        r, _ = load_recipe(recipe, set_ or [])
+        r, _ = load_recipe(recipe, _sets(set_, overrides))
         summary = synthesize(r)
 
         def render() -> None:
@@ -338,7 +349,7 @@ def data_check(
 def model_summary(
     recipe: RecipeArg, frames: Annotated[int, typer.Option(help="Input frames (10 ms each).")] = 300,
     tokens: Annotated[int, typer.Option(help="Decoder tokens.")] = 12,
-    set_: SetOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+    overrides: OverridesArg = None, set_: SetOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Parameters per module kind and FLOPs per prunable module for a given input length."""
     with guarded(debug, json_out):
@@ -350,7 +361,7 @@ def model_summary(
         from prune_cli.model.s2t import SpeechModel, count_params, dims_from_recipe
         from prune_cli.recipe import load_recipe
 
-        r, _ = load_recipe(recipe, set_ or [])
+        r, _ = load_recipe(recipe, _sets(set_, overrides))
         model = SpeechModel(dims_from_recipe(r.model, r.features.n_mels, r.tokenizer.vocab_size + 16)).eval()
         flops = module_flops(model, frames, tokens)
         by_kind: dict[str, dict[str, int]] = defaultdict(lambda: {"params": 0, "flops": 0, "count": 0})

@@ -94,6 +94,15 @@ def test_recipe_show_resolves_overrides_and_json_is_pure() -> None:
     assert "steps: 40" in r.stdout
 
 
+def test_positional_overrides_after_the_recipe() -> None:
+    r = cli("recipe", "show", "ci_smoke", "base.steps=9", "gates.lr=0.5", "--set", "base.steps=7", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["base"]["steps"] == 9 and doc["gates"]["lr"] == 0.5  # positional ones come last and win
+    r = cli("recipe", "show", "ci_smoke", "base.steps")
+    assert r.returncode == 2 and "unexpected argument 'base.steps': overrides are key.path=value" in r.stderr
+
+
 def test_recipe_list_and_version() -> None:
     r = cli("recipe", "list", "--json")
     names = {x["name"] for x in json.loads(r.stdout)}
