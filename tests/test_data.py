@@ -16,7 +16,7 @@ from prune_cli.data.batching import make_batches, shard
 from prune_cli.data.check import check_manifest
 from prune_cli.data.features import spec_augment
 from prune_cli.data.manifest import read_jsonl, read_kaldi_dir
-from prune_cli.data.synth import build_corpus, plan_corpus
+from prune_cli.data.synth import build_corpus, number_text, plan_corpus, spoken_text
 from prune_cli.data.tokenizer import EOS, SOS, Tokenizer, train_tokenizer
 from prune_cli.recipe import ContextDefaults, SpecAugmentConfig, SynthConfig
 
@@ -67,6 +67,19 @@ def test_translation_targets_are_real_translations(tmp_path: Path) -> None:
     rows = [json.loads(x) for x in (tmp_path / "m" / "train.jsonl").read_text().splitlines()]
     st = [r for r in rows if r["task"] == "st"]
     assert st and all(r["text"] != r["source_text"] for r in st if r["meta"]["number"] > 20)
+
+
+def test_spoken_text_segments_compounds_without_changing_words() -> None:
+    assert spoken_text("millesettecentotrentasette", "it") == "mille settecento trentasette"
+    assert spoken_text("zweitausendeinhundertfünfundvierzig", "de") == "zweitausend einhundert fünfundvierzig"
+    assert spoken_text("trecentottanta", "it") == "trecentottanta"  # elided: no clean boundary
+    assert spoken_text("hundertste", "de") == "hundertste"  # suffixes stay attached
+    assert spoken_text("two thousand and five", "en") == "two thousand and five"
+    for lang in ("de", "it"):
+        for n in range(0, 10000, 7):
+            for form in ("cardinal", "ordinal", "year"):
+                text = number_text(n, lang, form)
+                assert spoken_text(text, lang).replace(" ", "") == text.replace(" ", "")
 
 
 def test_data_check_finds_planted_errors_with_line_numbers(tmp_path: Path, smoke_corpus: list[str]) -> None:

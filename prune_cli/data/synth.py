@@ -10,6 +10,7 @@ import ctypes
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ from prune_cli.errors import DataError
 from prune_cli.recipe import SynthConfig
 from prune_cli.runs import atomic_write_text
 
+SYNTH_VERSION = 2  # bump when the same plan would render different audio (2: segmented de/it compounds)
 VOICE_VARIANTS = ("m1", "f1", "m3", "f3", "m7", "f4", "m2", "f2", "m4", "f5")
 ESPEAK_RATE, ESPEAK_PITCH = 1, 3
 AUDIO_OUTPUT_SYNCHRONOUS, POS_CHARACTER, CHARS_UTF8 = 2, 1, 1
@@ -47,6 +49,23 @@ def number_text(n: int, lang: str, form: str) -> str:
     to = {"cardinal": "cardinal", "ordinal": "ordinal", "year": "year"}[form]
     text = num2words(n, lang=lang, to=to)
     return " ".join(text.replace(",", " ").split())
+
+
+# eSpeak reads an unsegmented compound numeral as one word: one stress, and word-internal sound rules
+# (it "millesettecento..." -> [millezet:etSento...], the 's' of "sette" voiced), unlike its own reading of the
+# digits ("1737" -> [m'ille set:etS'Ento ...]). So German and Italian compounds are spoken with a
+# space after each thousands/hundreds morpheme, as eSpeak says the digits; the transcript keeps the spelling.
+_SPOKEN_SPLITS = {
+    "de": re.compile(r"(tausend|hundert)(?=(ein|zwei|drei|vier|fünf|sechs|sieb|acht|neun|zehn|elf|zwölf|zwanzig|dreißig))"),
+    "it": re.compile(r"(mila|mille|cento)(?=(un|due|tre|quattr|cinqu|sei|sed|sett|ott|nov|dieci|dici|dod|quin|vent|trent"
+                     r"|quarant|cinquant|sessant|settant|ottant|novant|cent))"),
+}
+
+
+def spoken_text(text: str, lang: str) -> str:
+    """What eSpeak is given to say `text`: the same words, compounds segmented where eSpeak needs it."""
+    split = _SPOKEN_SPLITS.get(lang)
+    return split.sub(r"\1 ", text) if split else text
 
 
 class ESpeak:
@@ -153,7 +172,8 @@ def _render(args: tuple[UttSpec, str, int, float | None, str]) -> tuple[str, int
     if _ENGINE is None:
         torch.set_num_threads(1)
         _ENGINE = ESpeak()
-    pcm = _ENGINE.synth(number_text(spec.number, spec.source_lang, spec.form), spec.voice, spec.rate, spec.pitch)
+    text = spoken_text(number_text(spec.number, spec.source_lang, spec.form), spec.source_lang)
+    pcm = _ENGINE.synth(text, spec.voice, spec.rate, spec.pitch)
     wav = torch.from_numpy(pcm.astype(np.float32) / 32768.0)
     if _ENGINE.sample_rate != sample_rate:
         wav = AF.resample(wav, _ENGINE.sample_rate, sample_rate)
@@ -212,7 +232,8 @@ def build_corpus(
                 "target_lang": s.target_lang,
                 "speaker": s.voice,
                 "utt_id": s.utt_id,
-                "meta": {k: v for k, v in asdict(s).items() if k in ("form", "number", "rate", "pitch")},
+                "meta": {**{k: v for k, v in asdict(s).items() if k in ("form", "number", "rate", "pitch")},
+                         "spoken": spoken_text(source_text, s.source_lang)},
             })
             key = context_key(s.task, s.source_lang, s.target_lang)
             entry = summary.setdefault(split, {}).setdefault(key, {"utts": 0, "hours": 0.0})

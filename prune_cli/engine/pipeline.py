@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from prune_cli.data.synth import build_corpus
+from prune_cli.data.synth import SYNTH_VERSION, build_corpus
 from prune_cli.engine.session import Session
 from prune_cli.errors import UsageError
 from prune_cli.progress import log, progress
@@ -19,7 +19,7 @@ from prune_cli.runs import STAGES, RunDir, atomic_write_json
 
 
 def corpus_hash(r: Recipe) -> str:
-    return r.section_hash("seed", "data")[:16]
+    return f"{r.section_hash('seed', 'data')[:16]}-v{SYNTH_VERSION}"
 
 
 def corpus_ready(r: Recipe) -> bool:
