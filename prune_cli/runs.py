@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from prune_cli import __version__
+from prune_cli.data.manifest import split_fingerprint
 from prune_cli.recipe import Recipe, to_yaml
 
 # Which recipe sections each stage's output depends on. A stage is complete when its marker holds this hash.
@@ -26,6 +28,11 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prune": ("seed", "data", "features", "tokenizer", "model", "base", "gates", "prune"),
     "eval": ("seed", "data", "features", "tokenizer", "model", "base", "gates", "prune", "eval"),
     "profile": ("seed", "data", "features", "tokenizer", "model", "base", "gates", "prune", "profile"),
+}
+# The data splits each stage reads: a changed manifest redoes the stage even when the recipe did not change.
+STAGE_SPLITS: dict[str, tuple[str, ...]] = {
+    "base": ("train", "dev"), "gates": ("train", "dev"), "prune": ("train", "dev"),
+    "eval": ("train", "dev", "test"), "profile": ("train", "dev", "test"),
 }
 STAGES = ("synth", "base", "gates", "prune", "eval", "profile", "report")
 
@@ -177,7 +184,11 @@ class RunDir:
 
     # stage bookkeeping
     def stage_hash(self, stage: str) -> str:
-        return self.recipe.section_hash(*STAGE_SECTIONS[stage]) if stage in STAGE_SECTIONS else ""
+        if stage not in STAGE_SECTIONS:
+            return ""
+        d = self.recipe.data
+        data = "".join(split_fingerprint(d.manifest_dir, d.kaldi_dir, sp) for sp in STAGE_SPLITS.get(stage, ()))
+        return self.recipe.section_hash(*STAGE_SECTIONS[stage]) + "-" + hashlib.sha256(data.encode()).hexdigest()[:8]
 
     def stage_complete(self, stage: str) -> bool:
         marker = self.path / "stages" / f"{stage}.json"

@@ -13,6 +13,8 @@ import sacrebleu
 from conftest import cli, read_json
 from prune_cli.engine.evaluate import normalize
 from prune_cli.engine.profile import Timer, measure_interleaved, stats_ms
+from prune_cli.recipe import load_recipe
+from prune_cli.runs import RunDir
 
 
 def test_run_writes_every_stage_output(smoke_run: Path) -> None:
@@ -100,6 +102,21 @@ def test_rerun_skips_complete_stages_and_force_redoes(smoke_run: Path, smoke_cor
     # A changed gates config makes the gates stage stale, not the base.
     r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--stages", "base", "--set", "gates.alpha=1.5")
     assert "[base] up to date" in r.stderr
+
+
+def test_changed_data_makes_the_stages_that_read_it_stale(tmp_path: Path, smoke_root: Path, smoke_corpus: list[str]) -> None:
+    manifests = tmp_path / "manifests"
+    shutil.copytree(smoke_root / "corpus" / "manifests", manifests)
+    recipe, _ = load_recipe("ci_smoke", [f"data.manifest_dir={manifests}"])
+    run = RunDir(tmp_path / "run", recipe)
+    for stage in ("base", "eval"):
+        run.mark_complete(stage)
+    test_lines = (manifests / "test.jsonl").read_text().splitlines(keepends=True)
+    (manifests / "test.jsonl").write_text("".join(test_lines[:-1]))  # a smaller test set: eval redoes, base does not
+    assert run.stage_complete("base") and not run.stage_complete("eval")
+    train = (manifests / "train.jsonl").read_text()
+    (manifests / "train.jsonl").write_text(train.replace('"text": "', '"text": "x', 1))
+    assert not run.stage_complete("base")
 
 
 def test_eval_metrics_equal_jiwer_and_sacrebleu_on_the_written_files(smoke_run: Path) -> None:

@@ -5,6 +5,7 @@ Problems are reported as `file:line: message`, one per line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,3 +166,14 @@ def split_path(manifest_dir: str, kaldi_dir: str | None, split: str) -> Path:
     if kaldi_dir:
         return Path(kaldi_dir) / split
     return Path(manifest_dir) / f"{split}.jsonl"
+
+
+def split_fingerprint(manifest_dir: str, kaldi_dir: str | None, split: str) -> str:
+    """Hash of a split's manifest (or Kaldi dir files): it changes when the data does, so caches and stages redo."""
+    path = split_path(manifest_dir, kaldi_dir, split)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes() if f.is_file() else b"<missing>")
+    return h.hexdigest()[:16]

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from prune_cli.data.batching import Split, load_split
 from prune_cli.data.features import compute_cmvn
+from prune_cli.data.manifest import split_fingerprint
 from prune_cli.data.tokenizer import Tokenizer, train_tokenizer
 from prune_cli.errors import MissingInputError, UsageError
 from prune_cli.gating.masks import MaskFile
@@ -70,7 +71,8 @@ class Session:
         d = self.recipe.data
         # The cache depends on what is read and how it is featurized, not on batching or eval caps.
         key = hashlib.sha256(json.dumps([d.manifest_dir, d.kaldi_dir, d.sample_rate, d.on_error, vars(d.defaults),
-                                         self.recipe.features.n_mels]).encode()).hexdigest()[:10]
+                                         self.recipe.features.n_mels, split_fingerprint(d.manifest_dir, d.kaldi_dir, name)]
+                                        ).encode()).hexdigest()[:10]
         return load_split(self.recipe, name, cache=self.run.path / "cache" / f"{name}-{key}.pt")
 
     @cached_property
