@@ -111,6 +111,9 @@ class BaseTrainConfig:
     clip: float = 5.0
     label_smoothing: float = 0.1
     ctc_weight: float = 0.3
+    # LayerDrop-style: each prunable module is skipped (not run) for a whole batch with this probability,
+    # so the base learns to work with modules missing, which is what pruning asks of it.
+    module_drop: float = 0.0
     val_every: int = 500
     save_every: int = 250
     keep_best: int = 3
@@ -414,6 +417,8 @@ def _semantic_checks(r: Recipe) -> list[str]:
     for bs in r.profile.batch_sizes:
         if bs < 1:
             errs.append("profile.batch_sizes: must be positive")
+    if not 0.0 <= r.base.module_drop < 1.0:
+        errs.append(f"base.module_drop: must be in [0, 1), got {r.base.module_drop}")
     if r.tokenizer.vocab_size < 16:
         errs.append("tokenizer.vocab_size: must be >= 16")
     return errs

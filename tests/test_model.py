@@ -61,6 +61,28 @@ def test_skipped_modules_are_not_executed() -> None:
     assert set(calls) == {m.name for m, k in zip(model.modules_list, keep) if k}
 
 
+def test_module_drop_skips_a_seeded_subset_in_training_only() -> None:
+    from prune_cli.data.batching import Batch
+    from prune_cli.engine.train import BaseObjective
+
+    model = tiny().train()
+    calls: list[str] = []
+    for m in model.modules_list:
+        part, i, kind = m.name.split(".")
+        getattr(getattr(model, part).layers[int(i)], kind).register_forward_hook(lambda *_, n=m.name: calls.append(n))
+    obj = BaseObjective(model, smoothing=0.1, ctc_weight=0.3, module_drop=0.3, seed=7)
+    keeps = [obj.keep(step) for step in range(20)]
+    assert keeps[3] == obj.keep(3) and len({tuple(k) for k in keeps}) > 1  # a function of (seed, step)
+    dropped = sum(not k for keep in keeps for k in keep) / (20 * model.n_modules)
+    assert 0.2 < dropped < 0.4
+    assert obj.keep(None) is None and BaseObjective(model, 0.1, 0.3).keep(5) is None  # validation and default: dense
+    x, lens, y = inputs()
+    batch = Batch(x, lens, y[:, :-1], y[:, 1:], y[:, :3], torch.tensor([3, 3, 0]), ["asr"] * 3, ["en"] * 3, ["en"] * 3, ["s"] * 3, [0, 1, 2])
+    loss, _ = obj(batch, 3)
+    assert set(calls) == {m.name for m, k in zip(model.modules_list, obj.keep(3)) if k}
+    loss.backward()  # the skipped modules simply get no gradient
+
+
 def test_cached_decoding_equals_uncached() -> None:
     model = tiny(3)
     x, lens, _ = inputs(4)

@@ -29,7 +29,7 @@ from prune_cli.model.s2t import SpeechModel, count_params, dims_from_recipe
 from prune_cli.progress import log, progress
 from prune_cli.runs import append_jsonl, atomic_torch_save, derived_generator, seed_everything
 
-SPECAUG_SALT, GUMBEL_SALT = 1, 2
+SPECAUG_SALT, GUMBEL_SALT, MODULE_DROP_SALT = 1, 2, 3
 
 
 # ---------------------------------------------------------------- losses
@@ -53,14 +53,22 @@ def ctc_loss(ctc_logits: torch.Tensor, mem_lens: torch.Tensor, batch: Batch) -> 
 
 
 class BaseObjective(nn.Module):
-    """Joint CTC-attention loss of the dense model."""
+    """Joint CTC-attention loss of the dense model; with module drop, of a random sub-network per training batch."""
 
-    def __init__(self, model: SpeechModel, smoothing: float, ctc_weight: float):
+    def __init__(self, model: SpeechModel, smoothing: float, ctc_weight: float, module_drop: float = 0.0, seed: int = 0):
         super().__init__()
         self.model, self.smoothing, self.ctc_weight = model, smoothing, ctc_weight
+        self.module_drop, self.seed = module_drop, seed
 
-    def forward(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, ctc_logits, mem_lens = self.model(batch.feats, batch.feat_lens, batch.dec_in)
+    def keep(self, step: int | None) -> list[bool] | None:
+        """Modules run at this step: all at validation, a seeded random subset while training with module drop."""
+        if step is None or self.module_drop == 0.0:
+            return None
+        u = torch.rand(self.model.n_modules, generator=derived_generator(self.seed, MODULE_DROP_SALT, step))
+        return (u >= self.module_drop).tolist()
+
+    def forward(self, batch: Batch, step: int | None) -> tuple[torch.Tensor, dict[str, float]]:
+        logits, ctc_logits, mem_lens = self.model(batch.feats, batch.feat_lens, batch.dec_in, keep=self.keep(step))
         att, acc = seq_loss(logits, batch, self.smoothing)
         ctc = ctc_loss(ctc_logits, mem_lens, batch)
         loss = (1 - self.ctc_weight) * att + self.ctc_weight * ctc
@@ -122,6 +130,7 @@ class LoopSpec:
     train_mode: Callable[[], None]
     eval_mode: Callable[[], None]
     weight_decay: float = 0.0
+    skips_modules: bool = False  # some parameters get no gradient in a step
     history: list[dict] = field(default_factory=list)
 
 
@@ -189,7 +198,8 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
                 "rng": torch.get_rng_state(), "step": step, "epoch": epoch, "pos": pos, "best": best,
             })
 
-    objective = DDP(spec.objective) if s.dist.world > 1 else spec.objective
+    # Module drop leaves some parameters without gradients in a step; DDP must be told to expect that.
+    objective = DDP(spec.objective, find_unused_parameters=spec.skips_modules) if s.dist.world > 1 else spec.objective
     tb = _tensorboard(s.run.path / "tensorboard" / spec.name) if s.dist.is_main else None
     spec.train_mode()
     plan = _batch_plan(train, s, epoch)
@@ -283,11 +293,11 @@ def train_base(s: Session) -> dict[str, float]:
         f"{len(train)} train / {len(dev)} dev utterances")
     b = r.base
     spec = LoopSpec(
-        name="base", objective=BaseObjective(model, b.label_smoothing, b.ctc_weight),
+        name="base", objective=BaseObjective(model, b.label_smoothing, b.ctc_weight, b.module_drop, r.seed),
         params=[{"params": list(model.parameters()), "lr": b.lr}], steps=b.steps, warmup=b.warmup_steps,
         val_every=b.val_every, save_every=b.save_every, log_every=b.log_every, keep_best=b.keep_best, clip=b.clip,
         grad_accum=b.grad_accum, state_modules={"model": model}, train_mode=model.train, eval_mode=model.eval,
-        weight_decay=b.weight_decay,
+        weight_decay=b.weight_decay, skips_modules=b.module_drop > 0,
     )
     metrics = run_loop(spec, train, dev, s)
     if s.dist.world > 1:
