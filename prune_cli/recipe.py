@@ -143,6 +143,9 @@ class GatesConfig:
     steps: int = 800
     lr: float = 3e-3  # higher rates saturate the gate logits before contexts can diverge
     finetune_base: bool = False
+    # joint: base and predictor learn together (masks tend to converge to one for all contexts);
+    # phased: the predictor learns on the frozen base for the first half, then the base learns under its masks.
+    finetune_schedule: Literal["joint", "phased"] = "joint"
     base_lr: float = 1e-4
     init_keep_logit: float = 2.0
     train_static: bool = True  # the `static` baseline is trained with the same loop

@@ -220,9 +220,16 @@ def test_joint_finetuning_saves_the_finetuned_base_used_downstream(tmp_path: Pat
 
     run_dir = tmp_path / "ft"
     shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("sweep", "eval", "profile", "pruned"))
-    sets = [*smoke_corpus, "--set", "gates.finetune_base=true", "--set", "gates.steps=6", "--set", "gates.base_lr=0.01"]
+    (run_dir / "logs" / "gates.jsonl").unlink()
+    sets = [*smoke_corpus, "gates.finetune_base=true", "gates.finetune_schedule=phased", "gates.steps=6", "gates.base_lr=0.01",
+            "gates.log_every=1"]
     r = cli("run", "ci_smoke", *sets, "--run-dir", str(run_dir), "--stages", "base,gates,prune", "--quiet")
     assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (run_dir / "logs" / "gates.jsonl").read_text().splitlines()]
+    rows = [x for x in rows if "lr_base" in x]
+    # phased: the predictor learns in steps 1-3 on the frozen base, then only the base learns
+    assert [x["lr"] > 0 for x in rows] == [True] * 3 + [False] * 3
+    assert [x["lr_base"] > 0 for x in rows] == [False] * 3 + [True] * 3
     base = torch.load(run_dir / "checkpoints" / "base.pt", weights_only=False)["state_dict"]
     tuned = torch.load(run_dir / "checkpoints" / "base_finetuned.pt", weights_only=False)["state_dict"]
     assert any(not torch.equal(base[k], tuned[k]) for k in base)
@@ -231,6 +238,13 @@ def test_joint_finetuning_saves_the_finetuned_base_used_downstream(tmp_path: Pat
 
     model, _ = load_model(run_dir / "checkpoints" / "base_finetuned.pt")
     assert masks["weights_hash"] == model.weights_hash()
+    # eval's `dense` stays the base as trained; the masked variants use the fine-tuned one
+    from prune_cli.engine.session import Session
+
+    recipe, _ = load_recipe("ci_smoke", [x for x in sets if x != "--set"])
+    session = Session(recipe, RunDir(run_dir, recipe), torch.device("cpu"))
+    original, _ = load_model(run_dir / "checkpoints" / "base.pt")
+    assert session.dense_model().weights_hash() == original.weights_hash() != session.base_model().weights_hash()
 
 
 def test_subset_eval_goes_beside_the_full_summary(smoke_run: Path, smoke_corpus: list[str]) -> None:

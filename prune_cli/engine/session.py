@@ -113,8 +113,17 @@ class Session:
     # ---- models
     def base_model(self) -> SpeechModel:
         """The base the gates were trained on: fine-tuned jointly when gates.finetune_base is set."""
-        path = self.run.finetuned_ckpt if self.recipe.gates.finetune_base else self.run.base_ckpt
-        model, _ = load_model(path, "prune-cli train RECIPE")
+        if self.recipe.gates.finetune_base:
+            model, _ = load_model(self.run.finetuned_ckpt, "prune-cli train RECIPE --stage gates")
+        else:
+            model, _ = load_model(self.run.base_ckpt, "prune-cli train RECIPE --stage base")
+        return model.to(self.device).eval()
+
+    def dense_model(self) -> SpeechModel:
+        """The unpruned reference: the base as trained, before any fine-tuning for pruning."""
+        if not self.recipe.gates.finetune_base:
+            return self.base_model()
+        model, _ = load_model(self.run.base_ckpt, "prune-cli train RECIPE --stage base")
         return model.to(self.device).eval()
 
     def predictor(self, which: str = "context") -> GatePredictor:

@@ -208,8 +208,9 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
     with progress(f"train {spec.name}", total=spec.steps) as bar:
         bar.advance(step)
         while step < spec.steps:
-            for g, lr in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr * lr_factor(step, spec.warmup, spec.steps)
+            for g, lr in zip(opt.param_groups, base_lrs):  # a group learns only within its [start, stop) steps
+                active = g.get("start", 0) <= step < g.get("stop", spec.steps)
+                g["lr"] = lr * lr_factor(step, spec.warmup, spec.steps) if active else 0.0
             logs: dict[str, float] = {}
             for _ in range(spec.grad_accum):
                 if pos >= len(plan):
@@ -224,6 +225,7 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            logs.update({f"lr_{g['name']}": g["lr"] for g in opt.param_groups if "name" in g})
             logs.update(step=step, epoch=epoch, lr=opt.param_groups[0]["lr"], grad_norm=float(gnorm),
                         elapsed_s=round(time.monotonic() - t0, 2))
             if s.dist.is_main and (step % spec.log_every == 0 or step == spec.steps):
@@ -351,7 +353,9 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
             f"(base model {count_params(model)}), scope {g.scope}, targets {sparsity.targets}")
         params = [{"params": list(predictor.parameters()), "lr": g.lr if inputs else g.static_lr}]
         if joint:
-            params.append({"params": list(model.parameters()), "lr": g.base_lr})
+            params.append({"params": list(model.parameters()), "lr": g.base_lr, "name": "base"})
+            if g.finetune_schedule == "phased":
+                params[0]["stop"] = params[1]["start"] = g.steps // 2
         obj = GateObjective(model, predictor, sparsity, s, speakers, g.steps)
 
         def train_mode(predictor: GatePredictor = predictor, joint: bool = joint) -> None:
