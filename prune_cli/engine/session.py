@@ -112,17 +112,14 @@ class Session:
 
     # ---- models
     def base_model(self) -> SpeechModel:
-        """The base the gates were trained on: fine-tuned jointly when gates.finetune_base is set."""
-        if self.recipe.gates.finetune_base:
-            model, _ = load_model(self.run.finetuned_ckpt, "prune-cli train RECIPE --stage gates")
-        else:
-            model, _ = load_model(self.run.base_ckpt, "prune-cli train RECIPE --stage base")
+        """The base the gates were trained on: fine-tuned for pruning when gates.finetune_base is set."""
+        if not self.recipe.gates.finetune_base:
+            return self.dense_model()
+        model, _ = load_model(self.run.finetuned_ckpt, "prune-cli train RECIPE --stage gates")
         return model.to(self.device).eval()
 
     def dense_model(self) -> SpeechModel:
         """The unpruned reference: the base as trained, before any fine-tuning for pruning."""
-        if not self.recipe.gates.finetune_base:
-            return self.base_model()
         model, _ = load_model(self.run.base_ckpt, "prune-cli train RECIPE --stage base")
         return model.to(self.device).eval()
 
