@@ -173,6 +173,8 @@ class EvalConfig:
     beam_size: int = 1
     length_penalty: float = 0.0
     max_len_ratio: float = 1.0  # max output tokens = max_len_ratio * encoder frames (capped by model.max_len)
+    # ASR only: rescore the beam's hypotheses with the CTC head, (1 - w) * attention + w * CTC (needs beam_size > 1)
+    ctc_weight: float = 0.0
     batch_size: int = 64
     max_wer: Optional[float] = None
     min_bleu: Optional[float] = None
@@ -422,6 +424,12 @@ def _semantic_checks(r: Recipe) -> list[str]:
             errs.append("profile.batch_sizes: must be positive")
     if not 0.0 <= r.base.module_drop < 1.0:
         errs.append(f"base.module_drop: must be in [0, 1), got {r.base.module_drop}")
+    if not 0.0 <= r.eval.ctc_weight <= 1.0:
+        errs.append(f"eval.ctc_weight: must be in [0, 1], got {r.eval.ctc_weight}")
+    elif r.eval.ctc_weight > 0 and r.eval.beam_size < 2:
+        errs.append("eval.ctc_weight: CTC rescoring ranks beam hypotheses; set eval.beam_size >= 2 (or ctc_weight 0)")
+    if r.eval.beam_size < 1:
+        errs.append(f"eval.beam_size: must be >= 1, got {r.eval.beam_size}")
     if r.tokenizer.vocab_size < 16:
         errs.append("tokenizer.vocab_size: must be >= 16")
     return errs

@@ -183,3 +183,48 @@ def test_module_names_are_stable() -> None:
     assert names[:4] == ["encoder.0.ffn1", "encoder.0.attn", "encoder.0.cgmlp", "encoder.0.ffn2"]
     assert names[-3:] == ["decoder.1.self_attn", "decoder.1.src_attn", "decoder.1.ffn"]
     assert len(set(itertools.chain(names))) == len(names) == 2 * 4 + 2 * 3
+
+
+def test_ctc_log_likelihood_equals_the_sum_over_alignments() -> None:
+    import math
+
+    from prune_cli.model.decoding import ctc_log_likelihood
+
+    g = torch.Generator().manual_seed(0)
+    t, vocab = 5, 4
+    logits = torch.randn(1, t, vocab, generator=g)
+    lp = logits.log_softmax(-1)[0]
+
+    def collapse(path: tuple[int, ...]) -> list[int]:
+        out = [c for i, c in enumerate(path) if i == 0 or c != path[i - 1]]
+        return [c for c in out if c != 0]
+
+    seqs = [[1, 2], [1, 1], [3], [], [2, 3, 1]]
+    got = ctc_log_likelihood(logits, torch.tensor([t]), seqs, len(seqs))
+    for seq, value in zip(seqs, got.tolist()):
+        paths = [p for p in itertools.product(range(vocab), repeat=t) if collapse(p) == seq]
+        want = math.log(sum(math.exp(sum(float(lp[i, c]) for i, c in enumerate(p))) for p in paths))
+        assert abs(value - want) < 1e-4, (seq, value, want)
+    # A label sequence containing the blank is not a CTC output at all.
+    assert ctc_log_likelihood(logits, torch.tensor([t]), [[1, 0]], 1).item() == float("-inf")
+
+
+def test_ctc_rescoring_picks_the_beam_hypothesis_ctc_prefers() -> None:
+    from prune_cli.model.decoding import _beam, ctc_log_likelihood
+
+    model = tiny(5)
+    x, lens, _ = inputs(3)
+    prompt, k = [1, 7, 4, 7], 4  # short hypotheses (max_len_ratio 0.3), so CTC can align them
+    plain = decode(model, x, lens, prompt, None, DecodeOptions(beam_size=k, max_len_ratio=0.3))
+    assert decode(model, x, lens, prompt, None, DecodeOptions(beam_size=k, max_len_ratio=0.3, ctc_weight=0.0)) == plain
+    with torch.inference_mode():
+        mem, mem_lens, mem_mask = model.encode(x, lens)
+        seqs, att = _beam(model, mem, mem_lens, mem_mask, prompt, None, DecodeOptions(beam_size=k, max_len_ratio=0.3))
+        ctc = ctc_log_likelihood(model.ctc(mem), mem_lens, seqs, k)
+    assert plain == [seqs[i * k + j] for i, j in enumerate(att.view(-1, k).argmax(-1).tolist())]
+    for w in (0.5, 1.0):
+        joint = ((1 - w) * att + w * ctc).view(-1, k)
+        want = [seqs[i * k + j] for i, j in enumerate(joint.argmax(-1).tolist())]
+        assert decode(model, x, lens, prompt, None, DecodeOptions(beam_size=k, max_len_ratio=0.3, ctc_weight=w)) == want
+        if w == 1.0:
+            assert want != plain  # this model's CTC head disagrees with its decoder, so the check has teeth

@@ -64,6 +64,11 @@ def test_semantic_checks() -> None:
         build_recipe(raw)
     text = "\n".join(e.value.problems)
     assert "not divisible" in text and "unsupported language 'xx'" in text
+    with pytest.raises(UsageError) as e:
+        build_recipe(apply_overrides({}, ["eval.ctc_weight=0.3"]))  # beam_size defaults to 1
+    assert e.value.problems == ["<recipe>: eval.ctc_weight: CTC rescoring ranks beam hypotheses; "
+                                "set eval.beam_size >= 2 (or ctc_weight 0)"]
+    build_recipe(apply_overrides({}, ["eval.ctc_weight=0.3", "eval.beam_size=4"]))
 
 
 def test_validate_exits_2_with_close_match(tmp_path: Path) -> None:

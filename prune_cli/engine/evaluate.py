@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from typing import Any, Sequence
 
 import jiwer
@@ -61,12 +62,14 @@ def decode_split(
         members = sorted(members, key=lambda i: split.feats[i].shape[0])
         u0 = split.utts[members[0]]
         prompt = tok.prompt(u0.task, u0.source_lang, u0.target_lang)
+        # The CTC head is trained on source transcripts, so it can only score ASR output.
+        task_opts = opts if u0.task == "asr" else replace(opts, ctc_weight=0.0)
         for start in range(0, len(members), batch_size):
             chunk = members[start : start + batch_size]
             feats = [apply_cmvn(split.feats[i].float(), s.cmvn) for i in chunk]
             lens = torch.tensor([f.shape[0] for f in feats], device=s.device)
             x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(s.device)
-            for i, ids in zip(chunk, decode(model, x, lens, prompt, pattern, opts)):
+            for i, ids in zip(chunk, decode(model, x, lens, prompt, pattern, task_opts)):
                 hyps[i] = tok.decode(ids)
             if bar is not None:
                 bar.advance(len(chunk))
@@ -93,7 +96,7 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     split = s.split(cfg.split)
     idx = [i for i in select_subset(split, s.recipe.data.max_utts_per_context)
            if contexts is None or split.utts[i].context in contexts]
-    opts = DecodeOptions(cfg.beam_size, cfg.length_penalty, cfg.max_len_ratio)
+    opts = DecodeOptions(cfg.beam_size, cfg.length_penalty, cfg.max_len_ratio, ctc_weight=cfg.ctc_weight)
     # A subset (some variants or contexts) goes beside the full evaluation, never over it.
     full = contexts is None and list(variants) == list(cfg.variants)
     out_dir = s.run.path / "eval" if full else s.run.path / "eval" / "partial"

@@ -1,4 +1,10 @@
-"""Batched greedy and beam search with a KV cache. One batch = one prompt context and one keep pattern."""
+"""Batched greedy and beam search with a KV cache. One batch = one prompt context and one keep pattern.
+
+Beam search can rescore its final hypotheses with the CTC head (joint CTC/attention decoding, as in ESPnet/OWSM):
+the attention decoder's language-model prior adds or drops whole number words ("siebzehn" -> "siebzehnhundertzehn");
+the frame-synchronous CTC score penalizes text the audio does not support. CTC is trained on the source transcript,
+so the rescoring applies to ASR only.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from prune_cli.data.tokenizer import EOS
+from prune_cli.data.tokenizer import BLANK, EOS
 from prune_cli.model.s2t import SpeechModel
 
 
@@ -17,6 +24,7 @@ class DecodeOptions:
     length_penalty: float = 0.0
     max_len_ratio: float = 1.0
     use_cache: bool = True
+    ctc_weight: float = 0.0  # final score = (1 - w) * attention + w * CTC log-likelihood; needs beam_size > 1
 
 
 def _max_steps(model: SpeechModel, mem_lens: torch.Tensor, prompt_len: int, opts: DecodeOptions) -> int:
@@ -32,7 +40,15 @@ def decode(
     """Token ids (without prompt and EOS) for each utterance of the batch."""
     mem, mem_lens, mem_mask = model.encode(feats, lens, keep)
     if opts.beam_size > 1:
-        return _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts)
+        seqs, att = _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts)
+        k = opts.beam_size
+        if opts.ctc_weight > 0:
+            ctc = ctc_log_likelihood(model.ctc(mem), mem_lens, seqs, k)
+            joint = ((1 - opts.ctc_weight) * att + opts.ctc_weight * ctc).view(-1, k)
+            # An utterance none of whose hypotheses CTC can align keeps the attention ranking.
+            att = torch.where(joint.isfinite().any(-1, keepdim=True), joint, att.view(-1, k))
+        best = att.view(-1, k).argmax(-1) + torch.arange(mem.shape[0], device=mem.device) * k
+        return [seqs[i] for i in best.tolist()]
     return _greedy(model, mem, mem_lens, mem_mask, prompt, keep, opts)
 
 
@@ -59,7 +75,20 @@ def _greedy(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> list[list[int
     return [s[: s.index(EOS)] if EOS in s else s for s in seqs]
 
 
-def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> list[list[int]]:  # noqa: ANN001
+def ctc_log_likelihood(ctc_logits: torch.Tensor, mem_lens: torch.Tensor, seqs: list[list[int]], k: int) -> torch.Tensor:
+    """log P_ctc(seq | audio) for k hypotheses per utterance (seqs ordered utterance-major)."""
+    lp = ctc_logits.float().log_softmax(-1).repeat_interleave(k, 0).transpose(0, 1)
+    targets = [torch.tensor(q, dtype=torch.long) for q in seqs]
+    lens = torch.tensor([len(q) for q in seqs], dtype=torch.long)
+    padded = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True) if int(lens.max()) else torch.zeros(len(seqs), 1, dtype=torch.long)
+    # Infinite loss (a hypothesis longer than the audio allows) stays -inf: never chosen over a feasible one.
+    nll = F.ctc_loss(lp, padded.to(lp.device), mem_lens.repeat_interleave(k), lens, blank=0, reduction="none")
+    has_blank = torch.tensor([BLANK in q for q in seqs], device=nll.device)  # not a CTC label sequence
+    return (-nll).masked_fill(has_blank, float("-inf"))
+
+
+def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list[int]], torch.Tensor]:  # noqa: ANN001
+    """All b*k hypotheses (utterance-major, without prompt and EOS) and their length-normalized scores."""
     b, k = mem.shape[0], opts.beam_size
     dev = mem.device
     mem = mem.repeat_interleave(k, 0)
@@ -100,6 +129,5 @@ def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> list[list[int]]
             logits = model.decode_logits(tokens, mem, mem_mask, keep)
         logp = logits[:, -1].float().log_softmax(-1)
     norm = scores.view(-1) / (((5.0 + lengths) / 6.0) ** opts.length_penalty)
-    best = norm.view(b, k).argmax(-1) + torch.arange(b, device=dev) * k
-    seqs = hyp[best].tolist()
-    return [s[: s.index(EOS)] if EOS in s else s for s in seqs]
+    seqs = [s[: s.index(EOS)] if EOS in s else s for s in hyp.tolist()]
+    return seqs, norm
