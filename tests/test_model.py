@@ -228,3 +228,19 @@ def test_ctc_rescoring_picks_the_beam_hypothesis_ctc_prefers() -> None:
         assert decode(model, x, lens, prompt, None, DecodeOptions(beam_size=k, max_len_ratio=0.3, ctc_weight=w)) == want
         if w == 1.0:
             assert want != plain  # this model's CTC head disagrees with its decoder, so the check has teeth
+
+
+def test_depthwise_conv_time_equals_conv1d_values_and_gradients() -> None:
+    from prune_cli.model.layers import depthwise_conv_time
+
+    torch.manual_seed(0)
+    for k, bias in ((15, True), (3, False)):
+        conv = torch.nn.Conv1d(24, 24, k, padding=k // 2, groups=24, bias=bias)
+        x = torch.randn(3, 37, 24, requires_grad=True)
+        ref = conv(x.transpose(1, 2)).transpose(1, 2)
+        (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+        out = depthwise_conv_time(x, conv.weight, conv.bias, k // 2)
+        (g_out,) = torch.autograd.grad(out.square().sum(), x)
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g_out, g_ref, atol=1e-4, rtol=1e-4)

@@ -79,6 +79,16 @@ class MultiHeadAttention(nn.Module):
         return F.dropout(self.out(o.transpose(1, 2).reshape(b, t, -1)), self.dropout, self.training)
 
 
+def depthwise_conv_time(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
+    """Depthwise convolution over time of x (B, T, C) with Conv1d weights (C, 1, K); returns (B, T, C).
+
+    Run as a 1xK conv2d on a channels-last view of x: on CPU oneDNN's NHWC depthwise kernel is 4x (batch 1) to 25x
+    (batch 8+) faster than conv1d on the transposed tensor, which was a third of the encoder's time.
+    """
+    y = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2), bias, padding=(0, padding), groups=x.shape[-1])
+    return y.squeeze(2).transpose(1, 2)
+
+
 class ConvGatedMLP(nn.Module):
     """cgMLP branch of E-Branchformer: up-projection, convolutional spatial gating unit, down-projection."""
 
@@ -97,7 +107,7 @@ class ConvGatedMLP(nn.Module):
         g = self.gate_norm(g)
         if pad is not None:
             g = g.masked_fill(pad.unsqueeze(-1), 0.0)
-        g = self.conv(g.transpose(1, 2)).transpose(1, 2)
+        g = depthwise_conv_time(g, self.conv.weight, self.conv.bias, self.conv.padding[0])
         return F.dropout(self.down(a * g), self.dropout, self.training)
 
 
@@ -127,7 +137,7 @@ class BranchMerge(nn.Module):
             cat, w_dw, w_p = torch.cat(parts, -1), self.dw.weight, self.proj.weight
         else:
             cat, w_dw, w_p = parts[0], self.dw.weight[sl[0]], self.proj.weight[:, sl[0]]
-        h = cat + F.conv1d(cat.transpose(1, 2), w_dw, padding=self.dw.padding, groups=cat.shape[-1]).transpose(1, 2)
+        h = cat + depthwise_conv_time(cat, w_dw, None, self.dw.padding[0])
         return F.dropout(F.linear(h, w_p), self.dropout, self.training)
 
 
