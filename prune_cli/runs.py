@@ -153,8 +153,14 @@ class RunDir:
 
     @property
     def finetuned_ckpt(self) -> Path:
-        """The base after joint fine-tuning with the gates (gates.finetune_base); later stages use it."""
+        """The base after fine-tuning under the context-aware gates (gates.finetune_base); later stages use it."""
         return self.path / "checkpoints" / "base_finetuned.pt"
+
+    def finetuned_ckpt_for(self, variant: str) -> Path:
+        """Each learned variant fine-tunes its own copy of the base; `random`/`layerdrop` run on the context one."""
+        if variant == "static":
+            return self.path / "checkpoints" / "base_finetuned_static.pt"
+        return self.finetuned_ckpt
 
     @property
     def gates_ckpt(self) -> Path:

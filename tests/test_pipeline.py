@@ -12,6 +12,8 @@ import sacrebleu
 
 from conftest import cli, read_json
 from prune_cli.engine.evaluate import normalize
+from prune_cli.errors import CheckpointError
+from prune_cli.gating.masks import MaskFile
 from prune_cli.engine.profile import Timer, measure_interleaved, stats_ms
 from prune_cli.recipe import load_recipe
 from prune_cli.runs import RunDir
@@ -245,6 +247,17 @@ def test_joint_finetuning_saves_the_finetuned_base_used_downstream(tmp_path: Pat
     session = Session(recipe, RunDir(run_dir, recipe), torch.device("cpu"))
     original, _ = load_model(run_dir / "checkpoints" / "base.pt")
     assert session.dense_model().weights_hash() == original.weights_hash() != session.base_model().weights_hash()
+    # the static baseline fine-tunes its own copy of the base on the same phased schedule, from the same start
+    static_rows = [json.loads(x) for x in (run_dir / "logs" / "static.jsonl").read_text().splitlines()]
+    static_rows = [x for x in static_rows if "lr_base" in x][-6:]
+    assert [x["lr_base"] > 0 for x in static_rows] == [False] * 3 + [True] * 3
+    static_base = session.base_model("static")
+    assert static_base.weights_hash() not in (original.weights_hash(), model.weights_hash())
+    assert masks["variant_weights"] == {"static": static_base.weights_hash()}
+    session.masks(["context", "static"])  # each variant checks against its own base
+    with pytest.raises(CheckpointError, match="static masks were made for base weights"):
+        MaskFile.load(run_dir / "masks.json").check_model(
+            masks["modules"], masks["arch_hash"], model.weights_hash(), run_dir / "masks.json", "static")
 
 
 def test_subset_eval_goes_beside_the_full_summary(smoke_run: Path, smoke_corpus: list[str]) -> None:

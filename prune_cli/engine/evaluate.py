@@ -89,10 +89,7 @@ def select_subset(split: Split, cap: int | None) -> list[int]:
 def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = s.recipe.eval
     # `dense` is the base as trained; the masked variants run on the base their gates were trained with.
-    pruned = any(v != "dense" for v in variants)
-    model = s.base_model() if pruned else None
-    dense = s.dense_model() if "dense" in variants else None
-    masks: MaskFile | None = s.masks(model) if model is not None else None
+    masks: MaskFile | None = s.masks(variants) if any(v != "dense" for v in variants) else None
     split = s.split(cfg.split)
     idx = [i for i in select_subset(split, s.recipe.data.max_utts_per_context)
            if contexts is None or split.utts[i].context in contexts]
@@ -105,8 +102,7 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     rows: list[dict[str, Any]] = []
     with progress("eval", total=len(idx) * len(variants)) as bar:
         for variant in variants:
-            net = dense if variant == "dense" else model
-            assert net is not None
+            net = s.variant_model(variant)
             patterns = utterance_patterns(s, variant, net, split, idx, masks)
             hyps = decode_split(s, net, split, idx, patterns, opts, cfg.batch_size, bar)
             by_ctx: dict[str, list[int]] = {}

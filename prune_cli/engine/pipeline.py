@@ -119,7 +119,7 @@ def reset_stage(s: Session, stage: str) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     if stage == "gates":
         for p in (s.run.checkpoints / "gates", s.run.checkpoints / "static", s.run.gates_ckpt,
-                  s.run.checkpoints / "static.pt"):
+                  s.run.checkpoints / "static.pt", s.run.finetuned_ckpt, s.run.finetuned_ckpt_for("static")):
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 

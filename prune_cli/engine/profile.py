@@ -123,8 +123,10 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
     cfg = s.recipe.profile
     if s.device.type == "cpu":
         torch.set_num_threads(cfg.threads)
-    model = s.base_model()
-    masks = s.masks(model) if any(v != "dense" for v in variants) else None
+    # Each variant runs on its own weights (dense: the base as trained; static: its own fine-tuned base), so
+    # decoded lengths, and with them decoder FLOPs and latency, are the ones eval scores.
+    models = {v: s.variant_model(v) for v in variants}
+    masks = s.masks(variants) if any(v != "dense" for v in variants) else None
     split = s.split(s.recipe.eval.split)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, u in enumerate(split.utts):
@@ -142,7 +144,7 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
                                "latency": {}, "contexts": contexts}
     with progress("profile flops", total=len(variants)) as bar:
         for v in variants:
-            summary["variants"][v] = {"flops": variant_flops(s, model, split, groups, keep[v], opts)}
+            summary["variants"][v] = {"flops": variant_flops(s, models[v], split, groups, keep[v], opts)}
             bar.advance()
 
     # Latency: batch of `bs` utterances of one context per call, rotating contexts over repeats.
@@ -164,9 +166,9 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
                     for v in variants:
                         k = keep[v][ctx]
                         if part == "encoder":
-                            calls[v] = (lambda k=k: model.encode(x, lens, k))
+                            calls[v] = (lambda k=k, m=models[v]: m.encode(x, lens, k))
                         else:
-                            calls[v] = (lambda k=k: decode(model, x, lens, prompt, k, opts))
+                            calls[v] = (lambda k=k, m=models[v]: decode(m, x, lens, prompt, k, opts))
                     with torch.inference_mode():
                         # Each new batch shape is warmed for every variant; the order rotates so no variant
                         # is always first after a shape change.
@@ -187,7 +189,7 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
             ctx = contexts[0]
             x, lens = _batch(s, split, groups[ctx])
             u = split.utts[groups[ctx][0]]
-            decode(model, x, lens, tok.prompt(u.task, u.source_lang, u.target_lang), keep[v][ctx], opts)
+            decode(models[v], x, lens, tok.prompt(u.task, u.source_lang, u.target_lang), keep[v][ctx], opts)
             summary["variants"][v]["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 2)
     summary["cpu_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     dense = summary["variants"].get("dense")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -62,9 +63,11 @@ def export_masks(s: Session) -> MaskFile:
         m = layerdrop_mask(model.modules_list, targets)
         variants["layerdrop"] = {c: m for c in contexts}
     stats = {v: {c: mask_stats(model, keep, flops) for c, keep in table.items()} for v, table in variants.items()}
+    own_base = {v: s.base_model(v).weights_hash() for v in variants
+                if s.run.finetuned_ckpt_for(v) != s.run.finetuned_ckpt and s.recipe.gates.finetune_base}
     mf = MaskFile(
         modules=[m.name for m in model.modules_list], arch_hash=model.arch_hash(), weights_hash=model.weights_hash(),
-        variants=variants, stats=stats, per_utterance=per_utt,
+        variants=variants, stats=stats, per_utterance=per_utt, variant_weights=own_base,
         meta={"targets": targets, "scope": ctx_ckpt["scope"], "speakers": speakers, "module_flops": flops,
               "reference_utterance": {"frames": mean_frames, "tokens": 12}, "recipe_hash": s.run.stage_hash("prune")},
     )
@@ -92,7 +95,7 @@ def _masks_for_contexts(s: Session, pred, spec: SparsitySpec, splits: list[Split
 
 def materialize(s: Session, mf: MaskFile) -> dict[str, dict[str, Any]]:
     """One checkpoint per context with the skipped modules deleted (not zeroed)."""
-    model = s.base_model().cpu()
+    model = copy.deepcopy(s.base_model()).cpu()  # the session's copy stays on its device
     out: dict[str, dict[str, Any]] = {}
     full = s.run.path / "pruned" / "_dense_size_probe.pt"
     save_model(full, model)

@@ -7,6 +7,8 @@ import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -15,7 +17,7 @@ from prune_cli.data.batching import Split, load_split
 from prune_cli.data.features import compute_cmvn
 from prune_cli.data.manifest import split_fingerprint
 from prune_cli.data.tokenizer import Tokenizer, train_tokenizer
-from prune_cli.errors import MissingInputError, UsageError
+from prune_cli.errors import CheckpointError, MissingInputError, UsageError
 from prune_cli.gating.masks import MaskFile
 from prune_cli.gating.predictor import GatePredictor
 from prune_cli.model.checkpoint import load_model, read_checkpoint
@@ -65,6 +67,7 @@ class Session:
         self.run = run
         self.device = device
         self.dist = Dist()
+        self._models: dict[str, SpeechModel] = {}  # loaded checkpoints, by path (inference only)
 
     # ---- data
     def split(self, name: str) -> Split:
@@ -111,17 +114,25 @@ class Session:
         return stats
 
     # ---- models
-    def base_model(self) -> SpeechModel:
-        """The base the gates were trained on: fine-tuned for pruning when gates.finetune_base is set."""
+    def base_model(self, variant: str = "context") -> SpeechModel:
+        """The base a masked variant runs on: with gates.finetune_base, the copy fine-tuned under its own gates."""
         if not self.recipe.gates.finetune_base:
             return self.dense_model()
-        model, _ = load_model(self.run.finetuned_ckpt, "prune-cli train RECIPE --stage gates")
-        return model.to(self.device).eval()
+        return self._load(self.run.finetuned_ckpt_for(variant), "prune-cli train RECIPE --stage gates")
 
     def dense_model(self) -> SpeechModel:
         """The unpruned reference: the base as trained, before any fine-tuning for pruning."""
-        model, _ = load_model(self.run.base_ckpt, "prune-cli train RECIPE --stage base")
-        return model.to(self.device).eval()
+        return self._load(self.run.base_ckpt, "prune-cli train RECIPE --stage base")
+
+    def variant_model(self, variant: str) -> SpeechModel:
+        return self.dense_model() if variant == "dense" else self.base_model(variant)
+
+    def _load(self, path: Path, hint: str) -> SpeechModel:
+        key = str(path)
+        if key not in self._models:
+            model, _ = load_model(path, hint)
+            self._models[key] = model.to(self.device).eval()
+        return self._models[key]
 
     def predictor(self, which: str = "context") -> GatePredictor:
         """`context` (the context-aware predictor) or `static` (the no-input baseline)."""
@@ -131,12 +142,18 @@ class Session:
         pred.load_state_dict(blob["state_dict"])
         return pred.to(self.device).eval()
 
-    def masks(self, model: SpeechModel) -> MaskFile:
+    def masks(self, variants: Sequence[str] = ("context",)) -> MaskFile:
+        """masks.json, checked against the base each of `variants` runs on."""
         path = self.run.masks
         if not path.is_file():
             raise MissingInputError(f"{path}: masks not found; produce them with `prune-cli prune RECIPE`")
         mf = MaskFile.load(path)
-        mf.check_model([m.name for m in model.modules_list], model.arch_hash(), model.weights_hash(), path)
+        for v in dict.fromkeys(v for v in variants if v != "dense"):
+            if v not in mf.variants:
+                raise CheckpointError(f"{path}: no {v!r} masks (has: {', '.join(mf.variants)}); see prune.baselines "
+                                      "and gates.train_static")
+            model = self.base_model(v)
+            mf.check_model([m.name for m in model.modules_list], model.arch_hash(), model.weights_hash(), path, v)
         return mf
 
 

@@ -327,13 +327,17 @@ def module_flops(model: SpeechModel, frames: int, tokens: int) -> dict[str, int]
     return per_module_flops(rep.by_module, [m.name for m in model.modules_list])
 
 
+def _load_base(s: Session) -> SpeechModel:
+    model, _ = load_model(s.run.base_ckpt, "prune-cli train RECIPE --stage base")
+    return model.to(s.device).eval()
+
+
 def train_gates(s: Session) -> dict[str, dict[str, float]]:
     r, g = s.recipe, s.recipe.gates
     s.dist = init_distributed(s.device)
     seed_everything(r.seed + 1)
     train, dev = prepare_data(s)
-    model, _ = load_model(s.run.base_ckpt, "prune-cli train RECIPE --stage base")
-    model = model.to(s.device).eval()
+    model = _load_base(s)
     speakers = sorted({u.speaker for u in train.utts})
     mean_frames = int(sum(f.shape[0] for f in train.feats) / len(train))
     mean_tokens = int(sum(len(s.tokenizer.encode(u.text)) for u in train.utts[:2000]) / min(2000, len(train))) + 5
@@ -345,7 +349,11 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
         variants.append(("static", [], s.run.checkpoints / "static.pt"))
     for name, inputs, out_path in variants:
         seed_everything(r.seed + len(name))
-        joint = g.finetune_base and name == "gates"  # the static baseline trains on the (fine-tuned) base, frozen
+        # With fine-tuning, each learned variant adapts its own copy of the base, on the same schedule and budget:
+        # the static baseline gets what the context-aware gates get.
+        joint = g.finetune_base
+        if joint and name != variants[0][0]:
+            model = _load_base(s)
         for p in model.parameters():
             p.requires_grad_(joint)
         predictor = build_predictor(r, model.n_modules, inputs, speakers).to(s.device)
@@ -380,7 +388,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
                 "module_flops": flops, "params": count_params(predictor),
             })
             if joint:
-                save_model(s.run.finetuned_ckpt, model.cpu())
+                save_model(s.run.finetuned_ckpt_for("context" if name == "gates" else name), model.cpu())
                 model.to(s.device)
         results[name] = metrics
     if s.dist.is_main:

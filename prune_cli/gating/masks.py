@@ -27,6 +27,8 @@ class MaskFile:
     stats: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # variant -> ctx -> sparsity/flops
     per_utterance: bool = False  # gates depend on acoustic/speaker inputs; the vectors are each context's mode
     meta: dict[str, Any] = field(default_factory=dict)
+    # Variants that run on their own fine-tuned base (static) -> its weights hash; others use `weights_hash`.
+    variant_weights: dict[str, str] = field(default_factory=dict)
 
     def keep(self, variant: str, context: str) -> tuple[bool, ...]:
         table = self.variants.get(variant)
@@ -40,7 +42,7 @@ class MaskFile:
         atomic_write_json(path, {
             "format": FORMAT, "arch_hash": self.arch_hash, "weights_hash": self.weights_hash,
             "modules": self.modules, "per_utterance": self.per_utterance, "masks": self.variants.get("context", {}),
-            "variants": self.variants, "stats": self.stats, "meta": self.meta,
+            "variants": self.variants, "stats": self.stats, "meta": self.meta, "variant_weights": self.variant_weights,
         })
 
     @classmethod
@@ -48,7 +50,7 @@ class MaskFile:
         try:
             d = json.loads(path.read_text())
             mf = cls(d["modules"], d["arch_hash"], d["weights_hash"], d["variants"], d.get("stats", {}),
-                     d.get("per_utterance", False), d.get("meta", {}))
+                     d.get("per_utterance", False), d.get("meta", {}), d.get("variant_weights", {}))
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: not a readable mask file ({type(e).__name__}: {e})") from None
         for variant, table in mf.variants.items():
@@ -57,15 +59,16 @@ class MaskFile:
                     raise CheckpointError(f"{path}: variant {variant} context {ctx}: expected {len(mf.modules)} 0/1 values")
         return mf
 
-    def check_model(self, modules: list[str], arch_hash: str, weights_hash: str, path: Path) -> None:
+    def check_model(self, modules: list[str], arch_hash: str, weights_hash: str, path: Path, variant: str = "context") -> None:
         if modules != self.modules or arch_hash != self.arch_hash:
             raise CheckpointError(
                 f"{path}: mask file belongs to another architecture (arch {self.arch_hash}, "
                 f"{len(self.modules)} modules) than this model (arch {arch_hash}, {len(modules)} modules)"
             )
-        if weights_hash != self.weights_hash:
+        want = self.variant_weights.get(variant, self.weights_hash)
+        if weights_hash != want:
             raise CheckpointError(
-                f"{path}: mask file was made for base weights {self.weights_hash}, but the model has {weights_hash}; "
+                f"{path}: {variant} masks were made for base weights {want}, but the model has {weights_hash}; "
                 "re-run `prune-cli prune` for this model"
             )
 
