@@ -117,7 +117,7 @@ def test_per_utterance_predictor_uses_features() -> None:
 
 
 def test_exact_sparsity_calibration_hits_target_in_training_units() -> None:
-    from prune_cli.engine.masking import exact_sparsity_gates
+    from prune_cli.gating.sparsity import exact_sparsity_gates
 
     model = SpeechModel(DIMS)
     logits = torch.randn(5, model.n_modules, 2, generator=torch.Generator().manual_seed(3))
@@ -135,3 +135,39 @@ def test_exact_sparsity_calibration_hits_target_in_training_units() -> None:
     dec_sparsity = float(spec.sparsity(spec.force_ungated(agree))["decoder"][0])
     agree_spec = SparsitySpec.build(model.modules_list, "decoder", {"encoder": 0.0, "decoder": dec_sparsity}, None)
     assert torch.equal(exact_sparsity_gates(logits[:1], agree_spec)[0, 12:], agree[0, 12:])
+
+
+def test_gates_switch_to_the_exported_masks_once_the_predictor_is_frozen(tmp_path: Path) -> None:
+    from prune_cli.data.batching import Batch
+    from prune_cli.engine.session import Session
+    from prune_cli.engine.train import GUMBEL_SALT, GateObjective
+    from prune_cli.gating.sparsity import exact_sparsity_gates
+    from prune_cli.recipe import build_recipe
+    from prune_cli.runs import RunDir, derived_generator
+
+    recipe = build_recipe({"gates": {"steps": 10}})
+    session = Session(recipe, RunDir(tmp_path, recipe), torch.device("cpu"))
+    model = SpeechModel(DIMS)
+    torch.manual_seed(0)
+    pred = GatePredictor(model.n_modules, [], 8, 16, 80, 0, 0.3)
+    spec = SparsitySpec.build(model.modules_list, "both", {"encoder": 0.25, "decoder": 0.5}, None)
+    b = 3
+    batch = Batch(torch.randn(b, 40, 80), torch.full((b,), 40), torch.ones(b, 4, dtype=torch.long),
+                  torch.ones(b, 4, dtype=torch.long), torch.ones(b, 2, dtype=torch.long), torch.full((b,), 2),
+                  ["asr"] * b, ["en"] * b, ["en"] * b, ["s"] * b, list(range(b)))
+    obj = GateObjective(model, pred, spec, session, [], 10, calibrated=True, frozen_from=5)
+    logits = pred(ContextInputs.build(["asr"] * b, ["en"] * b, ["en"] * b, ["s"] * b, batch.feats, batch.feat_lens, []))
+    exported = spec.force_ungated(exact_sparsity_gates(logits, spec))
+    assert all(torch.allclose(v, torch.tensor(t)) for v, t in
+               ((spec.sparsity(exported)[s], spec.targets[s]) for s in spec.targets))
+    for step in (5, 9, None):  # frozen phase and evaluation: the mask that will be exported
+        assert torch.equal(obj.gates(batch, step), exported)
+    # before the predictor is frozen it still learns through Gumbel straight-through samples
+    sampled = obj.gates(batch, 0)
+    g = recipe.gates
+    tau = tau_at(0, 10, g.tau_start, g.tau_end)
+    want = gumbel_straight_through(logits, tau, derived_generator(recipe.seed, GUMBEL_SALT, 0), noise_scale=tau / g.tau_start)
+    assert torch.equal(sampled, spec.force_ungated(want)) and sampled.requires_grad
+    # the context-aware predictor (not calibrated) exports, and so trains the frozen phase under, the argmax
+    ctx_obj = GateObjective(model, pred, spec, session, [], 10, calibrated=False, frozen_from=5)
+    assert torch.equal(ctx_obj.gates(batch, 5), spec.force_ungated(deterministic_gates(logits)))

@@ -12,7 +12,7 @@ from prune_cli.data.features import apply_cmvn
 from prune_cli.engine.session import Session
 from prune_cli.gating.masks import MaskFile
 from prune_cli.gating.predictor import ContextInputs, GatePredictor, deterministic_gates
-from prune_cli.gating.sparsity import SparsitySpec
+from prune_cli.gating.sparsity import SparsitySpec, exact_sparsity_gates
 from prune_cli.model.s2t import SpeechModel
 
 Keep = tuple[bool, ...]
@@ -38,28 +38,6 @@ def predict_keep(
         keep = spec.force_ungated(gates).bool().cpu()
         out += [tuple(row.tolist()) for row in keep]
     return out
-
-
-def exact_sparsity_gates(logits: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
-    """Per gated scope, skip the modules with the largest skip-minus-keep margin until the target is met.
-
-    Used for the static baseline: one shared logit table trained with Gumbel noise meets the target only in
-    expectation, so its argmax can land off target. Where argmax meets the target this is the same mask.
-    """
-    margin = (logits[..., 0] - logits[..., 1]).detach().cpu()
-    keep = torch.ones_like(margin)
-    w = spec.weights
-    for scope, target in spec.targets.items():
-        idx = torch.nonzero(spec.scope_mask[scope]).flatten()
-        total = float(w[idx].sum())
-        for row in range(margin.shape[0]):
-            skipped = 0.0
-            for j in idx[torch.argsort(margin[row, idx], descending=True, stable=True)].tolist():
-                if skipped + 0.5 * float(w[j]) > target * total:
-                    break
-                keep[row, j] = 0.0
-                skipped += float(w[j])
-    return keep.to(logits.device)
 
 
 def utterance_patterns(

@@ -22,7 +22,7 @@ from prune_cli.data.batching import IGNORE, Batch, Split, collate, make_batches,
 from prune_cli.data.features import spec_augment
 from prune_cli.engine.session import Session, build_predictor, init_distributed
 from prune_cli.gating.predictor import ContextInputs, GatePredictor, deterministic_gates, gumbel_straight_through, tau_at
-from prune_cli.gating.sparsity import SparsitySpec
+from prune_cli.gating.sparsity import SparsitySpec, exact_sparsity_gates
 from prune_cli.model.checkpoint import load_model, save_model
 from prune_cli.model.flops import count_flops, per_module_flops
 from prune_cli.model.s2t import SpeechModel, count_params, dims_from_recipe
@@ -79,19 +79,23 @@ class GateObjective(nn.Module):
     """Task loss through hard-gated modules (Gumbel straight-through) + sparsity loss."""
 
     def __init__(self, model: SpeechModel, predictor: GatePredictor, spec: SparsitySpec, session: Session,
-                 speakers: list[str], total_steps: int):
+                 speakers: list[str], total_steps: int, calibrated: bool = False, frozen_from: int | None = None):
         super().__init__()
         self.model, self.predictor, self.spec = model, predictor, spec
         self.s, self.speakers, self.total = session, speakers, total_steps
+        # calibrated: the exported mask is cut at exactly the target (static baseline), not the argmax.
+        self.calibrated, self.frozen_from = calibrated, frozen_from
 
     def gates(self, batch: Batch, step: int | None) -> torch.Tensor:
-        """(B, M) keep gates: Gumbel straight-through while training (step given), argmax otherwise."""
+        """(B, M) keep gates: Gumbel straight-through while the predictor learns, the exported masks otherwise."""
         ctx = ContextInputs.build(batch.task, batch.source_lang, batch.target_lang, batch.speaker,
                                   batch.feats, batch.feat_lens, self.speakers)
         logits = self.predictor(ctx)
         g = self.s.recipe.gates
-        if step is None:
-            keep = deterministic_gates(logits)
+        # Evaluation, and training once the predictor is frozen (phased fine-tuning), use the masks prune exports,
+        # so the base adapts to exactly the masks it will be deployed with.
+        if step is None or (self.frozen_from is not None and step >= self.frozen_from):
+            keep = exact_sparsity_gates(logits, self.spec) if self.calibrated else deterministic_gates(logits)
         else:
             tau = tau_at(step, self.total, g.tau_start, g.tau_end)
             keep = gumbel_straight_through(logits, tau, derived_generator(self.s.recipe.seed, GUMBEL_SALT, step),
@@ -364,7 +368,8 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
             params.append({"params": list(model.parameters()), "lr": g.base_lr, "name": "base"})
             if g.finetune_schedule == "phased":
                 params[0]["stop"] = params[1]["start"] = g.steps // 2
-        obj = GateObjective(model, predictor, sparsity, s, speakers, g.steps)
+        obj = GateObjective(model, predictor, sparsity, s, speakers, g.steps,
+                            calibrated=name == "static" and r.prune.calibrate_static, frozen_from=params[0].get("stop"))
 
         def train_mode(predictor: GatePredictor = predictor, joint: bool = joint) -> None:
             predictor.train()

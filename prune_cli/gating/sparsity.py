@@ -71,3 +71,25 @@ class SparsitySpec:
     def force_ungated(self, keep: torch.Tensor) -> torch.Tensor:
         """Modules outside the gated scopes always run."""
         return torch.where(self.gated.to(keep.device), keep, torch.ones_like(keep))
+
+
+def exact_sparsity_gates(logits: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
+    """Per gated scope, skip the modules with the largest skip-minus-keep margin until the target is met.
+
+    Used for the static baseline: one shared logit table trained with Gumbel noise meets the target only in
+    expectation, so its argmax can land off target. Where argmax meets the target this is the same mask.
+    """
+    margin = (logits[..., 0] - logits[..., 1]).detach().cpu()
+    keep = torch.ones_like(margin)
+    w = spec.weights
+    for scope, target in spec.targets.items():
+        idx = torch.nonzero(spec.scope_mask[scope]).flatten()
+        total = float(w[idx].sum())
+        for row in range(margin.shape[0]):
+            skipped = 0.0
+            for j in idx[torch.argsort(margin[row, idx], descending=True, stable=True)].tolist():
+                if skipped + 0.5 * float(w[j]) > target * total:
+                    break
+                keep[row, j] = 0.0
+                skipped += float(w[j])
+    return keep.to(logits.device)
