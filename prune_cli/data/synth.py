@@ -22,7 +22,13 @@ from prune_cli.errors import DataError
 from prune_cli.recipe import SynthConfig
 from prune_cli.runs import atomic_write_text
 
-SYNTH_VERSION = 2  # bump when the same plan would render different audio (2: segmented de/it compounds)
+# bump when the same plan would render different audio (2: segmented de/it compounds; 3: fresh process per chunk)
+SYNTH_VERSION = 3
+# Utterances per worker process. eSpeak NG keeps state between syntheses (its RNG and waveform state) that neither
+# espeak_Terminate/espeak_Initialize nor espeak_ng_SetRandSeed resets: the same text rendered twice in one process
+# differs. So every fixed chunk of the plan renders in a fresh process with a seeded RNG, and an utterance's audio
+# depends on the plan alone, not on how chunks were scheduled over workers.
+SYNTH_CHUNK = 400
 VOICE_VARIANTS = ("m1", "f1", "m3", "f3", "m7", "f4", "m2", "f2", "m4", "f5")
 ESPEAK_RATE, ESPEAK_PITCH = 1, 3
 AUDIO_OUTPUT_SYNCHRONOUS, POS_CHARACTER, CHARS_UTF8 = 2, 1, 1
@@ -168,10 +174,7 @@ def _render(args: tuple[UttSpec, str, int, float | None, str]) -> tuple[str, int
     import torchaudio.functional as AF
 
     spec, out_dir, sample_rate, snr_db, fmt = args
-    global _ENGINE
-    if _ENGINE is None:
-        torch.set_num_threads(1)
-        _ENGINE = ESpeak()
+    assert _ENGINE is not None, "rendered outside _render_chunk"
     text = spoken_text(number_text(spec.number, spec.source_lang, spec.form), spec.source_lang)
     pcm = _ENGINE.synth(text, spec.voice, spec.rate, spec.pitch)
     wav = torch.from_numpy(pcm.astype(np.float32) / 32768.0)
@@ -191,8 +194,22 @@ def _render(args: tuple[UttSpec, str, int, float | None, str]) -> tuple[str, int
     return spec.utt_id, int(audio.shape[0])
 
 
+def _render_chunk(args: tuple[int, list[tuple[UttSpec, str, int, float | None, str]]]) -> list[tuple[str, int]]:
+    """Render one chunk of the plan in this (fresh) worker process; see SYNTH_CHUNK."""
+    rng_seed, jobs = args
+    global _ENGINE
+    if _ENGINE is None:
+        import torch
+
+        torch.set_num_threads(1)
+        _ENGINE = ESpeak()
+    _ENGINE.lib.espeak_ng_SetRandSeed(ctypes.c_long(rng_seed))
+    return [_render(job) for job in jobs]
+
+
 def build_corpus(
-    cfg: SynthConfig, manifest_dir: Path, sample_rate: int, seed: int, progress_cb=None  # noqa: ANN001
+    cfg: SynthConfig, manifest_dir: Path, sample_rate: int, seed: int, progress_cb=None,  # noqa: ANN001
+    chunk: int = SYNTH_CHUNK,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Render the corpus and write manifests. Returns {split: {context_key: {utts, hours}}}."""
     from prune_cli.data.manifest import context_key
@@ -200,20 +217,16 @@ def build_corpus(
     specs = plan_corpus(cfg, seed)
     out_dir = Path(cfg.out_dir).resolve()
     jobs = [(s, str(out_dir), sample_rate, cfg.snr_db, cfg.audio_format) for s in specs]
+    chunks = [(seed * 100_003 + k) % 2**31 for k in range(0, len(jobs), chunk)]
+    tasks = [(rng_seed, jobs[k * chunk : (k + 1) * chunk]) for k, rng_seed in enumerate(chunks)]
     n_samples: dict[str, int] = {}
-    workers = max(1, min(cfg.workers, os.cpu_count() or 1))
-    if workers == 1:
-        for job in jobs:
-            uid, n = _render(job)
-            n_samples[uid] = n
+    workers = max(1, min(cfg.workers, os.cpu_count() or 1, len(tasks)))
+    # maxtasksperchild=1: each chunk gets a fresh process, whatever the worker count (1 included).
+    with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
+        for rendered in pool.imap_unordered(_render_chunk, tasks):
+            n_samples.update(rendered)
             if progress_cb:
-                progress_cb(1)
-    else:
-        with mp.get_context("spawn").Pool(workers) as pool:
-            for uid, n in pool.imap_unordered(_render, jobs, chunksize=32):
-                n_samples[uid] = n
-                if progress_cb:
-                    progress_cb(1)
+                progress_cb(len(rendered))
     manifest_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for split in ("train", "dev", "test"):
