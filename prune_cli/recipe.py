@@ -148,6 +148,10 @@ class GatesConfig:
     finetune_schedule: Literal["joint", "phased"] = "joint"
     base_lr: float = 1e-4
     init_keep_logit: float = 2.0
+    # Context-aware masks are the argmax, which can end off target (the loss meets it in sampled batch means). When the
+    # predictor stops learning (the freeze point of `phased`, or the end with a frozen base), shift each scope's skip
+    # threshold so the mean sparsity over training utterances meets the target. Not applied to `joint`.
+    calibrate: bool = True
     train_static: bool = True  # the `static` baseline is trained with the same loop
     static_lr: float = 2e-2  # its single logit table needs a larger step to reach the target in the same steps
     val_every: int = 200

@@ -171,3 +171,42 @@ def test_gates_switch_to_the_exported_masks_once_the_predictor_is_frozen(tmp_pat
     # the context-aware predictor (not calibrated) exports, and so trains the frozen phase under, the argmax
     ctx_obj = GateObjective(model, pred, spec, session, [], 10, calibrated=False, frozen_from=5)
     assert torch.equal(ctx_obj.gates(batch, 5), spec.force_ungated(deterministic_gates(logits)))
+
+
+def test_calibration_shift_meets_the_target_in_the_mean_and_is_idempotent() -> None:
+    from prune_cli.gating.sparsity import calibration_shift
+
+    model = SpeechModel(DIMS)
+    spec = SparsitySpec.build(model.modules_list, "both", {"encoder": 0.25, "decoder": 0.5}, None)
+    g = torch.Generator().manual_seed(3)
+    contexts = torch.randn(3, model.n_modules, 2, generator=g) + torch.tensor([0.0, 1.5])  # mostly "keep"
+    logits = contexts[torch.tensor([0] * 5 + [1] * 3 + [2] * 8)]  # one row per utterance, contexts unequally common
+    before = spec.sparsity(deterministic_gates(logits))
+    shift = calibration_shift(logits, spec)
+    shifted = logits.clone()
+    shifted[..., 0] += shift
+    after = spec.sparsity(deterministic_gates(shifted))
+    for scope, target in spec.targets.items():
+        n = int(spec.scope_mask[scope].sum())
+        assert abs(float(after[scope].mean()) - target) <= 1 / n + 1e-6
+        assert abs(float(after[scope].mean()) - target) <= abs(float(before[scope].mean()) - target)
+    assert abs(float(before["decoder"].mean()) - 0.5) > 1 / 12  # the check has something to fix
+    # per context, the ranking of modules by skip margin is unchanged within a scope
+    for row in range(3):
+        for scope in spec.targets:
+            idx = torch.nonzero(spec.scope_mask[scope]).flatten()
+            m0 = (contexts[row, idx, 0] - contexts[row, idx, 1])
+            assert torch.equal(torch.argsort(m0), torch.argsort(m0 + shift[idx]))
+    assert torch.allclose(calibration_shift(shifted, spec), torch.zeros(model.n_modules))
+
+
+def test_predictor_shift_moves_the_skip_logits_of_both_kinds() -> None:
+    for inputs in (["task", "source_lang", "target_lang"], []):
+        pred = GatePredictor(10, inputs, 8, 16, 80, 2, 2.0)
+        ctx = ctx_batch()
+        before = pred(ctx).detach().clone()
+        shift = torch.linspace(-1, 1, 10)
+        pred.shift_skip_logits(shift)
+        after = pred(ctx).detach()
+        assert torch.allclose(after[..., 0] - before[..., 0], shift.expand(4, 10))
+        assert torch.equal(after[..., 1], before[..., 1])

@@ -22,7 +22,7 @@ from prune_cli.data.batching import IGNORE, Batch, Split, collate, make_batches,
 from prune_cli.data.features import spec_augment
 from prune_cli.engine.session import Session, build_predictor, init_distributed
 from prune_cli.gating.predictor import ContextInputs, GatePredictor, deterministic_gates, gumbel_straight_through, tau_at
-from prune_cli.gating.sparsity import SparsitySpec, exact_sparsity_gates
+from prune_cli.gating.sparsity import SparsitySpec, calibration_shift, exact_sparsity_gates
 from prune_cli.model.checkpoint import load_model, save_model
 from prune_cli.model.flops import count_flops, per_module_flops
 from prune_cli.model.s2t import SpeechModel, count_params, dims_from_recipe
@@ -135,6 +135,7 @@ class LoopSpec:
     eval_mode: Callable[[], None]
     weight_decay: float = 0.0
     skips_modules: bool = False  # some parameters get no gradient in a step
+    before_step: Callable[[int], None] | None = None  # e.g. calibration at the freeze point of phased training
     history: list[dict] = field(default_factory=list)
 
 
@@ -215,6 +216,8 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
             for g, lr in zip(opt.param_groups, base_lrs):  # a group learns only within its [start, stop) steps
                 active = g.get("start", 0) <= step < g.get("stop", spec.steps)
                 g["lr"] = lr * lr_factor(step, spec.warmup, spec.steps) if active else 0.0
+            if spec.before_step is not None:
+                spec.before_step(step)
             logs: dict[str, float] = {}
             for _ in range(spec.grad_accum):
                 if pos >= len(plan):
@@ -331,6 +334,26 @@ def module_flops(model: SpeechModel, frames: int, tokens: int) -> dict[str, int]
     return per_module_flops(rep.by_module, [m.name for m in model.modules_list])
 
 
+@torch.no_grad()
+def calibrate_thresholds(s: Session, predictor: GatePredictor, spec: SparsitySpec, train: Split, speakers: list[str],
+                         step: int, n: int = 512) -> None:
+    """Shift the predictor's skip thresholds (see calibration_shift) on a fixed, evenly spaced set of train utterances."""
+    idx = list(range(0, len(train), max(1, len(train) // n)))[:n]
+    b = _prepare(train, idx, s, None)
+    was_training = predictor.training
+    predictor.eval()
+    ctx = ContextInputs.build(b.task, b.source_lang, b.target_lang, b.speaker, b.feats, b.feat_lens, speakers)
+    logits = predictor(ctx)
+    before = {k: round(float(v.mean()), 4) for k, v in spec.sparsity(spec.force_ungated(deterministic_gates(logits))).items()}
+    predictor.shift_skip_logits(calibration_shift(logits, spec))
+    after = {k: round(float(v.mean()), 4) for k, v in
+             spec.sparsity(spec.force_ungated(deterministic_gates(predictor(ctx)))).items()}
+    predictor.train(was_training)
+    log(f"gates: calibrated skip thresholds at step {step} on {len(idx)} train utterances: sparsity {before} -> {after}")
+    if s.dist.is_main:
+        append_jsonl(s.run.path / "logs" / "gates.jsonl", {"event": "calibrate", "step": step, "before": before, "after": after})
+
+
 def _load_base(s: Session) -> SpeechModel:
     model, _ = load_model(s.run.base_ckpt, "prune-cli train RECIPE --stage base")
     return model.to(s.device).eval()
@@ -379,13 +402,25 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
             predictor.eval()
             model.eval()
 
+        # The context-aware predictor's thresholds are calibrated when it stops learning: at the freeze point of
+        # phased training (so the base adapts to the calibrated masks), or at the end when the base stays frozen.
+        freeze = params[0].get("stop")
+        calibrate_at = (freeze if freeze is not None else None if joint else g.steps) if g.calibrate and inputs else None
+
+        def before_step(step: int, predictor: GatePredictor = predictor, at: int | None = calibrate_at) -> None:
+            if step == at:
+                calibrate_thresholds(s, predictor, sparsity, train, speakers, step)
+
         state = {"predictor": predictor} | ({"model": model} if joint else {})
         spec = LoopSpec(
             name=name, objective=obj, params=params, steps=g.steps, warmup=min(50, g.steps // 10 + 1),
             val_every=g.val_every, save_every=g.save_every, log_every=g.log_every, keep_best=0, clip=r.base.clip,
             grad_accum=r.base.grad_accum, state_modules=state, train_mode=train_mode, eval_mode=eval_mode,
+            before_step=before_step,
         )
         metrics = run_loop(spec, train, dev, s)
+        if calibrate_at == g.steps:  # frozen base: after the last step (idempotent on a resumed, finished run)
+            calibrate_thresholds(s, predictor, sparsity, train, speakers, g.steps)
         if s.dist.is_main:
             atomic_torch_save(out_path, {
                 "kind": "prune-cli/gates", "inputs": inputs, "speakers": speakers, "n_modules": model.n_modules,

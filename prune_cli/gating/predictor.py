@@ -81,6 +81,15 @@ class GatePredictor(nn.Module):
             parts.append(self.embeds[name](x))
         return self.mlp(torch.cat(parts, -1)).view(b, self.n_modules, 2)
 
+    @torch.no_grad()
+    def shift_skip_logits(self, shift: torch.Tensor) -> None:
+        """Add shift (M,) to every skip logit: moves each module's decision threshold, for every input alike."""
+        shift = shift.to(self.table.device if not self.inputs else self.mlp[-1].bias.device)
+        if self.inputs:
+            self.mlp[-1].bias.view(self.n_modules, 2)[:, SKIP] += shift
+        else:
+            self.table[:, SKIP] += shift
+
     @property
     def per_utterance(self) -> bool:
         """True when gates can differ inside one context (acoustic or speaker inputs)."""

@@ -93,3 +93,27 @@ def exact_sparsity_gates(logits: torch.Tensor, spec: SparsitySpec) -> torch.Tens
                 keep[row, j] = 0.0
                 skipped += float(w[j])
     return keep.to(logits.device)
+
+
+def calibration_shift(logits: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
+    """(M,) amounts to add to the skip logits so that the mean sparsity over the rows of `logits` (N, M, 2), one per
+    utterance, is as close to each scope's target as one decision threshold per scope allows.
+
+    The context-aware predictor meets its target in the training batches' mean, through sampled gates; its argmax
+    masks can end off target. Shifting a scope's threshold keeps each context's ranking of modules and moves all
+    contexts together. Among equally close thresholds the one nearest the predictor's own (0) wins.
+    """
+    margin = (logits[..., 0] - logits[..., 1]).detach().float().cpu()  # skip iff margin + shift > 0
+    shift = torch.zeros(margin.shape[-1])
+    w = spec.weights
+    for scope, target in spec.targets.items():
+        idx = torch.nonzero(spec.scope_mask[scope]).flatten()
+        m = margin[:, idx]
+        values = torch.unique(m)
+        # thresholds: the current one (0), and one between each pair of neighbouring margins and beyond both ends
+        cands = torch.cat([torch.zeros(1), (values[1:] + values[:-1]) / 2, values[:1] - 1, values[-1:] + 1])
+        skipped = ((m[None] > cands[:, None, None]).float() * w[idx]).sum(-1) / w[idx].sum()  # (K, N)
+        err = (skipped.mean(-1) - target).abs()
+        best = min(range(len(cands)), key=lambda k: (round(float(err[k]), 9), abs(float(cands[k]))))
+        shift[idx] = -cands[best]
+    return shift
