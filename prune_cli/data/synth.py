@@ -217,8 +217,7 @@ def build_corpus(
     specs = plan_corpus(cfg, seed)
     out_dir = Path(cfg.out_dir).resolve()
     jobs = [(s, str(out_dir), sample_rate, cfg.snr_db, cfg.audio_format) for s in specs]
-    chunks = [(seed * 100_003 + k) % 2**31 for k in range(0, len(jobs), chunk)]
-    tasks = [(rng_seed, jobs[k * chunk : (k + 1) * chunk]) for k, rng_seed in enumerate(chunks)]
+    tasks = [((seed * 100_003 + start) % 2**31, jobs[start : start + chunk]) for start in range(0, len(jobs), chunk)]
     n_samples: dict[str, int] = {}
     workers = max(1, min(cfg.workers, os.cpu_count() or 1, len(tasks)))
     # maxtasksperchild=1: each chunk gets a fresh process, whatever the worker count (1 included).

@@ -63,8 +63,7 @@ def export_masks(s: Session) -> MaskFile:
         m = layerdrop_mask(model.modules_list, targets)
         variants["layerdrop"] = {c: m for c in contexts}
     stats = {v: {c: mask_stats(model, keep, flops) for c, keep in table.items()} for v, table in variants.items()}
-    own_base = {v: s.base_model(v).weights_hash() for v in variants
-                if s.run.finetuned_ckpt_for(v) != s.run.finetuned_ckpt and s.recipe.gates.finetune_base}
+    own_base = {v: s.base_model(v).weights_hash() for v in variants if s.base_model(v) is not model}
     mf = MaskFile(
         modules=[m.name for m in model.modules_list], arch_hash=model.arch_hash(), weights_hash=model.weights_hash(),
         variants=variants, stats=stats, per_utterance=per_utt, variant_weights=own_base,

@@ -391,8 +391,9 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
             params.append({"params": list(model.parameters()), "lr": g.base_lr, "name": "base"})
             if g.finetune_schedule == "phased":
                 params[0]["stop"] = params[1]["start"] = g.steps // 2
+        freeze = params[0].get("stop")  # phased: the step from which the predictor no longer learns
         obj = GateObjective(model, predictor, sparsity, s, speakers, g.steps,
-                            calibrated=name == "static" and r.prune.calibrate_static, frozen_from=params[0].get("stop"))
+                            calibrated=name == "static" and r.prune.calibrate_static, frozen_from=freeze)
 
         def train_mode(predictor: GatePredictor = predictor, joint: bool = joint) -> None:
             predictor.train()
@@ -404,8 +405,9 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
 
         # The context-aware predictor's thresholds are calibrated when it stops learning: at the freeze point of
         # phased training (so the base adapts to the calibrated masks), or at the end when the base stays frozen.
-        freeze = params[0].get("stop")
-        calibrate_at = (freeze if freeze is not None else None if joint else g.steps) if g.calibrate and inputs else None
+        calibrate_at: int | None = None
+        if g.calibrate and inputs:
+            calibrate_at = freeze if joint else g.steps  # joint without phases never freezes: freeze is None
 
         def before_step(step: int, predictor: GatePredictor = predictor, at: int | None = calibrate_at) -> None:
             if step == at:

@@ -84,11 +84,8 @@ class GatePredictor(nn.Module):
     @torch.no_grad()
     def shift_skip_logits(self, shift: torch.Tensor) -> None:
         """Add shift (M,) to every skip logit: moves each module's decision threshold, for every input alike."""
-        shift = shift.to(self.table.device if not self.inputs else self.mlp[-1].bias.device)
-        if self.inputs:
-            self.mlp[-1].bias.view(self.n_modules, 2)[:, SKIP] += shift
-        else:
-            self.table[:, SKIP] += shift
+        logits = self.mlp[-1].bias.view(self.n_modules, 2) if self.inputs else self.table
+        logits[:, SKIP] += shift.to(logits.device)
 
     @property
     def per_utterance(self) -> bool:
