@@ -12,9 +12,9 @@ import sacrebleu
 
 from conftest import cli, read_json
 from prune_cli.engine.evaluate import normalize
+from prune_cli.engine.profile import Timer, measure_interleaved, stats_ms
 from prune_cli.errors import CheckpointError
 from prune_cli.gating.masks import MaskFile
-from prune_cli.engine.profile import Timer, measure_interleaved, stats_ms
 from prune_cli.recipe import load_recipe
 from prune_cli.runs import RunDir
 
