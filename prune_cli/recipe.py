@@ -177,7 +177,7 @@ class EvalConfig:
     beam_size: int = 1
     length_penalty: float = 0.0
     max_len_ratio: float = 1.0  # max output tokens = max_len_ratio * encoder frames (capped by model.max_len)
-    # ASR only: rescore the beam's hypotheses with the CTC head, (1 - w) * attention + w * CTC (needs beam_size > 1)
+    # ASR only: joint CTC/attention beam search, (1 - w) * attention + w * CTC prefix score (needs beam_size > 1)
     ctc_weight: float = 0.0
     batch_size: int = 64
     max_wer: Optional[float] = None
@@ -431,7 +431,7 @@ def _semantic_checks(r: Recipe) -> list[str]:
     if not 0.0 <= r.eval.ctc_weight <= 1.0:
         errs.append(f"eval.ctc_weight: must be in [0, 1], got {r.eval.ctc_weight}")
     elif r.eval.ctc_weight > 0 and r.eval.beam_size < 2:
-        errs.append("eval.ctc_weight: CTC rescoring ranks beam hypotheses; set eval.beam_size >= 2 (or ctc_weight 0)")
+        errs.append("eval.ctc_weight: joint CTC/attention decoding is a beam search; set eval.beam_size >= 2 (or ctc_weight 0)")
     if r.eval.beam_size < 1:
         errs.append(f"eval.beam_size: must be >= 1, got {r.eval.beam_size}")
     if r.tokenizer.vocab_size < 16:

@@ -185,49 +185,88 @@ def test_module_names_are_stable() -> None:
     assert len(set(itertools.chain(names))) == len(names) == 2 * 4 + 2 * 3
 
 
-def test_ctc_log_likelihood_equals_the_sum_over_alignments() -> None:
+def _alignment_log_prob(lp: torch.Tensor, accept) -> float:  # noqa: ANN001
+    """log of the summed probability of every CTC alignment (over all frames of lp) whose output passes accept."""
     import math
-
-    from prune_cli.model.decoding import ctc_log_likelihood
-
-    g = torch.Generator().manual_seed(0)
-    t, vocab = 5, 4
-    logits = torch.randn(1, t, vocab, generator=g)
-    lp = logits.log_softmax(-1)[0]
 
     def collapse(path: tuple[int, ...]) -> list[int]:
         out = [c for i, c in enumerate(path) if i == 0 or c != path[i - 1]]
         return [c for c in out if c != 0]
 
-    seqs = [[1, 2], [1, 1], [3], [], [2, 3, 1]]
-    got = ctc_log_likelihood(logits, torch.tensor([t]), seqs, len(seqs))
-    for seq, value in zip(seqs, got.tolist()):
-        paths = [p for p in itertools.product(range(vocab), repeat=t) if collapse(p) == seq]
-        want = math.log(sum(math.exp(sum(float(lp[i, c]) for i, c in enumerate(p))) for p in paths))
-        assert abs(value - want) < 1e-4, (seq, value, want)
-    # A label sequence containing the blank is not a CTC output at all.
-    assert ctc_log_likelihood(logits, torch.tensor([t]), [[1, 0]], 1).item() == float("-inf")
+    total = sum(math.exp(sum(float(lp[i, c]) for i, c in enumerate(p)))
+                for p in itertools.product(range(lp.shape[1]), repeat=lp.shape[0]) if accept(collapse(p)))
+    return math.log(total) if total > 0 else float("-inf")
 
 
-def test_ctc_rescoring_picks_the_beam_hypothesis_ctc_prefers() -> None:
-    from prune_cli.model.decoding import _beam, ctc_log_likelihood
+def test_ctc_prefix_scores_equal_sums_over_alignments() -> None:
+    from prune_cli.data.tokenizer import EOS
+    from prune_cli.model.ctc_prefix import CTCPrefixScorer
+
+    g = torch.Generator().manual_seed(0)
+    vocab, lens = 5, torch.tensor([5, 3])  # the second utterance is padded: its last 2 frames must not count
+    logits = torch.randn(2, 5, vocab, generator=g)
+    lp = logits.log_softmax(-1)
+    scorer = CTCPrefixScorer(logits, lens, specials=1)
+    state, prefix = scorer.initial(), []
+    for tok in (3, 3, 1, 4):  # a repeated label needs a blank between its two emissions
+        cand = torch.tensor([[tok, EOS, 0]] * 2)
+        psi, r = scorer.score(state, cand)
+        for n in range(2):
+            frames = lp[n, : int(lens[n])]
+            want_prefix = _alignment_log_prob(frames, lambda out: out[: len(prefix) + 1] == prefix + [tok])
+            want_full = _alignment_log_prob(frames, lambda out: out == prefix)
+            assert psi[n, 0].item() == pytest.approx(want_prefix, abs=1e-4), (n, prefix, tok)
+            assert psi[n, 1].item() == pytest.approx(want_full, abs=1e-4), (n, prefix)  # EOS: P_ctc(prefix)
+            assert psi[n, 2].item() == float("-inf")  # the blank (and any special below `specials`) is not text
+        state = scorer.select(r, psi, cand, torch.tensor([0, 1]), torch.tensor([0, 0]))
+        prefix.append(tok)
+    assert psi[1, 0].item() == float("-inf")  # 4 labels with a repeat cannot fit into 3 frames
+
+
+def test_joint_ctc_attention_beam_scores_its_hypotheses_exactly() -> None:
+    from prune_cli.data.tokenizer import EOS
+    from prune_cli.model.decoding import _beam, _max_steps
 
     model = tiny(5)
+    # An untrained model never ends a hypothesis: favour EOS in the decoder and blanks (short outputs) in CTC.
+    decode_logits = model.decode_logits
+
+    def eos_boosted(*args, **kwargs) -> torch.Tensor:
+        logits = decode_logits(*args, **kwargs)
+        logits[..., EOS] += 4.0
+        return logits
+
+    model.decode_logits = eos_boosted  # type: ignore[method-assign]
+    with torch.no_grad():
+        model.ctc.bias[0] += 3.0
     x, lens, _ = inputs(3)
     prompt, k = [1, 7, 4, 7], 4  # short hypotheses (max_len_ratio 0.3), so CTC can align them
     plain = decode(model, x, lens, prompt, None, DecodeOptions(beam_size=k, max_len_ratio=0.3))
     assert decode(model, x, lens, prompt, None, DecodeOptions(beam_size=k, max_len_ratio=0.3, ctc_weight=0.0)) == plain
     with torch.inference_mode():
         mem, mem_lens, mem_mask = model.encode(x, lens)
-        seqs, att = _beam(model, mem, mem_lens, mem_mask, prompt, None, DecodeOptions(beam_size=k, max_len_ratio=0.3))
-        ctc = ctc_log_likelihood(model.ctc(mem), mem_lens, seqs, k)
-    assert plain == [seqs[i * k + j] for i, j in enumerate(att.view(-1, k).argmax(-1).tolist())]
+        ctc_lp = model.ctc(mem).float().log_softmax(-1)
+    checked = 0
     for w in (0.5, 1.0):
-        joint = ((1 - w) * att + w * ctc).view(-1, k)
-        want = [seqs[i * k + j] for i, j in enumerate(joint.argmax(-1).tolist())]
-        assert decode(model, x, lens, prompt, None, DecodeOptions(beam_size=k, max_len_ratio=0.3, ctc_weight=w)) == want
+        opts = DecodeOptions(beam_size=k, max_len_ratio=0.3, ctc_weight=w, ctc_pre_beam=DIMS.vocab)
+        with torch.inference_mode():
+            seqs, scores = _beam(model, mem, mem_lens, mem_mask, prompt, None, opts)
+            for i, (seq, score) in enumerate(zip(seqs, scores.tolist())):
+                u = i // k
+                if score == float("-inf") or len(seq) == _max_steps(model, mem_lens, len(prompt), opts):
+                    continue  # not a finished hypothesis
+                tokens = torch.tensor([prompt + seq])
+                att_lp = model.decode_logits(tokens, mem[u : u + 1], mem_mask[u : u + 1], None).float().log_softmax(-1)
+                att = sum(att_lp[0, len(prompt) - 1 + j, t].item() for j, t in enumerate(seq + [EOS]))
+                ctc = -F.ctc_loss(ctc_lp[u, : int(mem_lens[u])][:, None], torch.tensor([seq]), mem_lens[u : u + 1],
+                                  torch.tensor([len(seq)]), reduction="sum").item()
+                assert score == pytest.approx((1 - w) * att + w * ctc, abs=1e-3), (w, i, seq)
+                checked += 1
+        best = decode(model, x, lens, prompt, None, opts)
+        assert best == [seqs[u * k + j] for u, j in enumerate(scores.view(-1, k).argmax(-1).tolist())]
         if w == 1.0:
-            assert want != plain  # this model's CTC head disagrees with its decoder, so the check has teeth
+            assert best != plain  # this model's CTC head disagrees with its decoder, so the check has teeth
+    assert checked >= 6
 
 
 def test_depthwise_conv_time_equals_conv1d_values_and_gradients() -> None:

@@ -66,8 +66,8 @@ def test_semantic_checks() -> None:
     assert "not divisible" in text and "unsupported language 'xx'" in text
     with pytest.raises(UsageError) as e:
         build_recipe(apply_overrides({}, ["eval.ctc_weight=0.3"]))  # beam_size defaults to 1
-    assert e.value.problems == ["<recipe>: eval.ctc_weight: CTC rescoring ranks beam hypotheses; "
-                                "set eval.beam_size >= 2 (or ctc_weight 0)"]
+    assert e.value.problems == ["<recipe>: eval.ctc_weight: joint CTC/attention decoding is a beam "
+                                "search; set eval.beam_size >= 2 (or ctc_weight 0)"]
     build_recipe(apply_overrides({}, ["eval.ctc_weight=0.3", "eval.beam_size=4"]))
 
 

@@ -1,9 +1,10 @@
 """Batched greedy and beam search with a KV cache. One batch = one prompt context and one keep pattern.
 
-Beam search can rescore its final hypotheses with the CTC head (joint CTC/attention decoding, as in ESPnet/OWSM):
-the attention decoder's language-model prior adds or drops whole number words ("siebzehn" -> "siebzehnhundertzehn");
-the frame-synchronous CTC score penalizes text the audio does not support. CTC is trained on the source transcript,
-so the rescoring applies to ASR only.
+Beam search can score every partial hypothesis with the CTC head as well (joint CTC/attention decoding, as in
+ESPnet/OWSM): the attention decoder's language-model prior adds or drops whole number words
+("siebzehn" -> "siebzehnhundertzehn", "millesettecentotrentasette" -> "millesettecentosette"); the frame-synchronous
+CTC prefix score penalizes text the audio does not support while the beam is still open. CTC is trained on the
+source transcript, so joint decoding applies to ASR only.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from prune_cli.data.tokenizer import BLANK, EOS
+from prune_cli.data.tokenizer import EOS, SPECIALS
+from prune_cli.model.ctc_prefix import CTCPrefixScorer
 from prune_cli.model.s2t import SpeechModel
 
 
@@ -24,7 +25,8 @@ class DecodeOptions:
     length_penalty: float = 0.0
     max_len_ratio: float = 1.0
     use_cache: bool = True
-    ctc_weight: float = 0.0  # final score = (1 - w) * attention + w * CTC log-likelihood; needs beam_size > 1
+    ctc_weight: float = 0.0  # joint score = (1 - w) * attention + w * CTC prefix score; needs beam_size > 1
+    ctc_pre_beam: int = 0  # tokens per hypothesis scored by CTC each step; 0: 1.5 x beam_size, as ESPnet
 
 
 def _max_steps(model: SpeechModel, mem_lens: torch.Tensor, prompt_len: int, opts: DecodeOptions) -> int:
@@ -40,14 +42,9 @@ def decode(
     """Token ids (without prompt and EOS) for each utterance of the batch."""
     mem, mem_lens, mem_mask = model.encode(feats, lens, keep)
     if opts.beam_size > 1:
-        seqs, att = _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts)
+        seqs, scores = _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts)
         k = opts.beam_size
-        if opts.ctc_weight > 0:
-            ctc = ctc_log_likelihood(model.ctc(mem), mem_lens, seqs, k)
-            joint = ((1 - opts.ctc_weight) * att + opts.ctc_weight * ctc).view(-1, k)
-            # An utterance none of whose hypotheses CTC can align keeps the attention ranking.
-            att = torch.where(joint.isfinite().any(-1, keepdim=True), joint, att.view(-1, k))
-        best = att.view(-1, k).argmax(-1) + torch.arange(mem.shape[0], device=mem.device) * k
+        best = scores.view(-1, k).argmax(-1) + torch.arange(mem.shape[0], device=mem.device) * k
         return [seqs[i] for i in best.tolist()]
     return _greedy(model, mem, mem_lens, mem_mask, prompt, keep, opts)
 
@@ -75,28 +72,25 @@ def _greedy(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> list[list[int
     return [s[: s.index(EOS)] if EOS in s else s for s in seqs]
 
 
-def ctc_log_likelihood(ctc_logits: torch.Tensor, mem_lens: torch.Tensor, seqs: list[list[int]], k: int) -> torch.Tensor:
-    """log P_ctc(seq | audio) for k hypotheses per utterance (seqs ordered utterance-major)."""
-    lp = ctc_logits.float().log_softmax(-1).repeat_interleave(k, 0).transpose(0, 1)
-    targets = [torch.tensor(q, dtype=torch.long) for q in seqs]
-    lens = torch.tensor([len(q) for q in seqs], dtype=torch.long)
-    padded = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True) if int(lens.max()) else torch.zeros(len(seqs), 1, dtype=torch.long)
-    # Infinite loss (a hypothesis longer than the audio allows) stays -inf: never chosen over a feasible one.
-    nll = F.ctc_loss(lp, padded.to(lp.device), mem_lens.repeat_interleave(k), lens, blank=0, reduction="none")
-    has_blank = torch.tensor([BLANK in q for q in seqs], device=nll.device)  # not a CTC label sequence
-    return (-nll).masked_fill(has_blank, float("-inf"))
-
-
 def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list[int]], torch.Tensor]:  # noqa: ANN001
-    """All b*k hypotheses (utterance-major, without prompt and EOS) and their length-normalized scores."""
+    """All b*k hypotheses (utterance-major, without prompt and EOS) and their length-normalized scores.
+
+    With ctc_weight w > 0 a hypothesis scores (1 - w) * attention + w * CTC prefix log-probability, and only the
+    attention's best `ctc_pre_beam` tokens of each hypothesis are scored by CTC (ESPnet's pre-beam)."""
     b, k = mem.shape[0], opts.beam_size
     dev = mem.device
+    w = opts.ctc_weight
+    ctc = None
+    if w > 0:
+        ctc = CTCPrefixScorer(model.ctc(mem).repeat_interleave(k, 0), mem_lens.repeat_interleave(k), len(SPECIALS))
+    state = ctc.initial() if ctc is not None else None
     mem = mem.repeat_interleave(k, 0)
     mem_mask = mem_mask.repeat_interleave(k, 0)
     tokens = torch.tensor([list(prompt)] * (b * k), device=dev)
     cache: dict[str, torch.Tensor] | None = {} if opts.use_cache else None
     logp = model.decode_logits(tokens, mem, mem_mask, keep, cache=cache)[:, -1].float().log_softmax(-1)
     vocab = logp.shape[-1]
+    n_cand = vocab if ctc is None else min(vocab, opts.ctc_pre_beam or max(2, 3 * k // 2))
     scores = torch.full((b, k), float("-inf"), device=dev)
     scores[:, 0] = 0.0
     finished = torch.zeros(b * k, dtype=torch.bool, device=dev)
@@ -106,11 +100,19 @@ def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list
         # A finished beam may only extend with EOS, at no cost, so it keeps its score.
         logp = logp.masked_fill(finished[:, None], float("-inf"))
         logp[finished, EOS] = 0.0
-        cand = (scores.view(-1, 1) + logp).view(b, k * vocab)
-        top, idx = cand.topk(k, dim=-1)
-        beam = idx // vocab + torch.arange(b, device=dev)[:, None] * k
-        tok = idx % vocab
-        beam, tok = beam.view(-1), tok.view(-1)
+        if ctc is None:
+            inc, cand = logp, torch.arange(vocab, device=dev).expand(b * k, -1)
+        else:
+            att, cand = logp.topk(n_cand, -1)
+            psi, r = ctc.score(state, cand)
+            inc = (1 - w) * att + w * (psi - state.psi[:, None])
+            inc = torch.where(finished[:, None], att, inc).nan_to_num(nan=float("-inf"))
+        top, idx = (scores.view(-1, 1) + inc).view(b, k * n_cand).topk(k, dim=-1)
+        beam = (idx // n_cand + torch.arange(b, device=dev)[:, None] * k).view(-1)
+        col = (idx % n_cand).view(-1)
+        tok = cand[beam, col]
+        if ctc is not None:
+            state = ctc.select(r, psi, cand, beam, col)
         hyp = torch.cat([hyp[beam], tok[:, None]], 1)
         was_finished = finished[beam]
         lengths = lengths[beam] + (~was_finished).float()
