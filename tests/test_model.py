@@ -283,3 +283,32 @@ def test_depthwise_conv_time_equals_conv1d_values_and_gradients() -> None:
         assert out.shape == ref.shape
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(g_out, g_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_beam_stops_once_settled_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prune_cli.data.tokenizer import EOS
+    from prune_cli.model import decoding
+
+    model = tiny(5)
+    decode_logits = model.decode_logits
+    calls = []
+
+    def eos_boosted(*args, **kwargs) -> torch.Tensor:  # the best beams end early, some others never do
+        calls.append(1)
+        logits = decode_logits(*args, **kwargs)
+        logits[..., EOS] += 2.5
+        return logits
+
+    model.decode_logits = eos_boosted  # type: ignore[method-assign]
+    x, lens, _ = inputs(3)
+    prompt = [1, 7, 4, 7]
+    for w in (0.0, 0.5):
+        opts = DecodeOptions(beam_size=4, max_len_ratio=1.0, ctc_weight=w)
+        calls.clear()
+        early = decode(model, x, lens, prompt, None, opts)
+        n_early = len(calls)
+        with monkeypatch.context() as m:
+            m.setattr(decoding, "_settled", lambda *_: False)
+            calls.clear()
+            assert decode(model, x, lens, prompt, None, opts) == early
+            assert n_early < len(calls), (w, n_early, len(calls))

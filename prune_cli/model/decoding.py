@@ -72,6 +72,18 @@ def _greedy(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> list[list[int
     return [s[: s.index(EOS)] if EOS in s else s for s in seqs]
 
 
+def _settled(scores: torch.Tensor, finished: torch.Tensor) -> bool:
+    """True when every utterance's best finished hypothesis outscores all its open ones (scores and finished: (b, k)).
+
+    Without a length penalty a score never rises as a hypothesis grows (attention log-probabilities and CTC prefix
+    log-probabilities only fall), so the result is then final; a damaged pruned decoder that never emits EOS in
+    one beam no longer runs the whole batch to the length limit.
+    """
+    best_finished = scores.masked_fill(~finished, float("-inf")).amax(-1)
+    best_open = scores.masked_fill(finished, float("-inf")).amax(-1)
+    return bool((best_finished >= best_open).all())
+
+
 def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list[int]], torch.Tensor]:  # noqa: ANN001
     """All b*k hypotheses (utterance-major, without prompt and EOS) and their length-normalized scores.
 
@@ -106,7 +118,8 @@ def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list
             att, cand = logp.topk(n_cand, -1)
             psi, r = ctc.score(state, cand)
             inc = (1 - w) * att + w * (psi - state.psi[:, None])
-            inc = torch.where(finished[:, None], att, inc).nan_to_num(nan=float("-inf"))
+            inc = torch.where(finished[:, None], att, inc)
+            inc = inc.masked_fill(inc.isnan(), float("-inf"))  # -inf - -inf: a prefix CTC cannot align
         top, idx = (scores.view(-1, 1) + inc).view(b, k * n_cand).topk(k, dim=-1)
         beam = (idx // n_cand + torch.arange(b, device=dev)[:, None] * k).view(-1)
         col = (idx % n_cand).view(-1)
@@ -122,7 +135,7 @@ def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list
             for key in list(cache):
                 if ".self." in key:  # self-attention caches follow their beams
                     cache[key] = cache[key][beam]
-        if bool(finished.all()):
+        if bool(finished.all()) or (opts.length_penalty == 0 and _settled(scores, finished.view(b, k))):
             break
         tokens = torch.cat([tokens[beam], tok[:, None]], 1)
         if cache is not None:
