@@ -136,6 +136,9 @@ class GatesConfig:
     scope: Literal["encoder", "decoder", "both"] = "decoder"
     target: SparsityTarget = field(default_factory=SparsityTarget)
     weighting: Literal["modules", "flops"] = "modules"
+    # batch: the loss is on the batch-mean sparsity, so contexts trade it (the paper's ASR decoders prune more);
+    # context: every context meets the target itself, and only chooses which modules to skip.
+    sparsity_per: Literal["batch", "context"] = "batch"
     alpha: float = 5.0
     target_warmup_steps: int = 200
     tau_start: float = 1.0

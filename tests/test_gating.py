@@ -74,6 +74,26 @@ def test_sparsity_loss_formula_and_scopes() -> None:
     assert float(w.sparsity(k)["decoder"]) == pytest.approx(40 / 48)
 
 
+def test_per_context_sparsity_loss_holds_each_context_to_the_target() -> None:
+    model = SpeechModel(DIMS)
+    spec = SparsitySpec.build(model.modules_list, "decoder", {"encoder": 0.0, "decoder": 0.5}, None)
+    dec = [i for i, m in enumerate(model.modules_list) if m.part == "decoder"]
+    gated = torch.ones(4, model.n_modules)
+    gated[:2, dec] = 0.0  # context 0 (rows 0, 1) skips its whole decoder, context 1 (rows 2, 3) none of it
+    gated.requires_grad_(True)
+    batch_loss, logs = spec.loss(gated, alpha=1.0, warm=1.0)
+    assert logs["sparsity_decoder"] == pytest.approx(0.5) and float(batch_loss) == 0.0  # the batch mean is on target
+    per_ctx, _ = spec.loss(gated, alpha=1.0, warm=1.0, groups=torch.tensor([7, 7, 3, 3]))
+    assert float(per_ctx) == pytest.approx(0.5 + 0.25)  # each context is 0.5 off: |d| + d^2
+    per_ctx.backward()
+    assert gated.grad is not None
+    assert (gated.grad[:2, dec] < 0).all()  # the over-pruned context is pushed to keep modules,
+    assert (gated.grad[2:, dec] > 0).all()  # the unpruned one to skip them
+    # Uneven group sizes: each context counts once, whatever its share of the batch.
+    uneven, _ = spec.loss(gated.detach()[[0, 2, 3]], alpha=1.0, warm=1.0, groups=torch.tensor([0, 1, 1]))
+    assert float(uneven) == pytest.approx(0.75)
+
+
 def test_random_and_layerdrop_baselines_hit_the_target() -> None:
     mods = SpeechModel(DIMS).modules_list
     r = random_mask(mods, {"decoder": 0.5}, seed=1)

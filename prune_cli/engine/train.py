@@ -108,7 +108,12 @@ class GateObjective(nn.Module):
         logits, _, _ = self.model(batch.feats, batch.feat_lens, batch.dec_in, scale=keep)
         task, acc = seq_loss(logits, batch, self.s.recipe.base.label_smoothing)
         warm = 1.0 if step is None else min(1.0, (step + 1) / max(1, g.target_warmup_steps))
-        sp_loss, sp_logs = self.spec.loss(keep, g.alpha, warm)
+        groups = None
+        if g.sparsity_per == "context":
+            ids: dict[tuple[str, str, str], int] = {}
+            keys = zip(batch.task, batch.source_lang, batch.target_lang)
+            groups = torch.tensor([ids.setdefault(k, len(ids)) for k in keys], device=keep.device)
+        sp_loss, sp_logs = self.spec.loss(keep, g.alpha, warm, groups)
         loss = task + sp_loss
         logs = {k: float(v.detach()) for k, v in (("loss", loss), ("task", task), ("sparsity_loss", sp_loss), ("acc", acc))}
         return loss, {**logs, **sp_logs}

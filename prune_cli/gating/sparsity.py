@@ -57,14 +57,25 @@ class SparsitySpec:
         out["total"] = ((1.0 - keep) * w.to(keep.device)).sum(-1) / w.sum()
         return out
 
-    def loss(self, keep: torch.Tensor, alpha: float, warm: float) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sparsity loss on the batch-mean sparsity; `warm` in [0, 1] scales the targets during warm-up."""
+    def loss(self, keep: torch.Tensor, alpha: float, warm: float, groups: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sparsity loss; `warm` in [0, 1] scales the targets during warm-up.
+
+        Without groups the loss is on the batch-mean sparsity, so contexts may trade sparsity among themselves.
+        With groups (B,) of context ids it is the mean over the batch's contexts of each context's own loss: every
+        context must meet the target, and context-awareness decides only which modules each one skips.
+        """
         sp = self.sparsity(keep)
         loss = keep.new_zeros(())
         logs: dict[str, float] = {}
         for s, t in self.targets.items():
-            d = sp[s].mean() - t * warm
-            loss = loss + alpha * (d.abs() + d**2)
+            if groups is None:
+                d = sp[s].mean()[None] - t * warm
+            else:
+                ids, inverse = torch.unique(groups, return_inverse=True)
+                sums = sp[s].new_zeros(len(ids)).index_add(0, inverse, sp[s])
+                d = sums / torch.bincount(inverse, minlength=len(ids)) - t * warm
+            loss = loss + alpha * (d.abs() + d**2).mean()
             logs[f"sparsity_{s}"] = float(sp[s].mean().detach())
         return loss, logs
 
