@@ -137,7 +137,8 @@ class GatesConfig:
     target: SparsityTarget = field(default_factory=SparsityTarget)
     weighting: Literal["modules", "flops"] = "modules"
     # batch: the loss is on the batch-mean sparsity, so contexts trade it (the paper's ASR decoders prune more);
-    # context: every context meets the target itself, and only chooses which modules to skip.
+    # context: every context meets the target itself, and only chooses which modules to skip: its exported masks
+    # (and those the base adapts to when phased) skip exactly the target share by the context's own ranking.
     sparsity_per: Literal["batch", "context"] = "batch"
     alpha: float = 5.0
     target_warmup_steps: int = 200
@@ -153,7 +154,8 @@ class GatesConfig:
     init_keep_logit: float = 2.0
     # Context-aware masks are the argmax, which can end off target (the loss meets it in sampled batch means). When the
     # predictor stops learning (the freeze point of `phased`, or the end with a frozen base), shift each scope's skip
-    # threshold so the mean sparsity over training utterances meets the target. Not applied to `joint`.
+    # threshold so the mean sparsity over training utterances meets the target. Not applied to `joint`, nor with
+    # sparsity_per: context (whose masks are cut at exactly the target per context).
     calibrate: bool = True
     train_static: bool = True  # the `static` baseline is trained with the same loop
     static_lr: float = 2e-2  # its single logit table needs a larger step to reach the target in the same steps

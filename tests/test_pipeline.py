@@ -277,3 +277,25 @@ def test_subset_eval_goes_beside_the_full_summary(smoke_run: Path, smoke_corpus:
     assert (smoke_run / "eval" / "summary.json").read_text() == before
     partial = read_json(smoke_run / "eval" / "partial" / "summary.json")
     assert partial["complete"] is False and list(partial["variants"]["dense"]) == ["asr:en"]
+
+
+def test_per_context_sparsity_cuts_every_context_at_the_target(tmp_path: Path, smoke_run: Path,
+                                                                smoke_corpus: list[str]) -> None:
+    run_dir = tmp_path / "per_context"
+    shutil.copytree(smoke_run, run_dir)
+    for stale in ("checkpoints/gates", "checkpoints/gates.pt", "checkpoints/static", "checkpoints/static.pt",
+                  "logs/gates.jsonl", "logs/static.jsonl"):
+        p = run_dir / stale
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(run_dir), "--stages", "gates,prune", "--quiet",
+            "--set", "gates.sparsity_per=context", "--set", "gates.train_static=false", "--set", "prune.baselines=[]")
+    assert r.returncode == 0, r.stderr
+    masks = read_json(run_dir / "masks.json")
+    assert masks["meta"]["context_exact_cut"] is True and set(masks["variants"]) == {"context"}
+    for ctx, st in masks["stats"]["context"].items():  # each context skips exactly its share: 2 of 8, 3 of 6
+        assert (st["sparsity_encoder"], st["sparsity_decoder"]) == (0.25, 0.5), ctx
+    events = [json.loads(x) for x in (run_dir / "logs" / "gates.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e.get("event") == "calibrate"]  # no shared threshold shift in this mode
+    vals = [e for e in events if e.get("event") == "val"]
+    # Validation runs the masks prune exports (and the base trains under them after the freeze): exact cuts.
+    assert vals and all((e["val_sparsity_encoder"], e["val_sparsity_decoder"]) == (0.25, 0.5) for e in vals)

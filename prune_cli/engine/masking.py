@@ -14,6 +14,7 @@ from prune_cli.gating.masks import MaskFile
 from prune_cli.gating.predictor import ContextInputs, GatePredictor, deterministic_gates
 from prune_cli.gating.sparsity import SparsitySpec, exact_sparsity_gates
 from prune_cli.model.s2t import SpeechModel
+from prune_cli.recipe import Recipe
 
 Keep = tuple[bool, ...]
 
@@ -40,6 +41,13 @@ def predict_keep(
     return out
 
 
+def exact_cut(r: Recipe, context_aware: bool) -> bool:
+    """Whether a variant's masks are cut at exactly the target (largest skip margins first) instead of the argmax:
+    the static baseline (prune.calibrate_static), and the context-aware predictor when every context is held to the
+    target itself (gates.sparsity_per: context), so that each context skips exactly its share by its own ranking."""
+    return r.gates.sparsity_per == "context" if context_aware else r.prune.calibrate_static
+
+
 def utterance_patterns(
     s: Session, variant: str, model: SpeechModel, split: Split, idx: Sequence[int], masks: MaskFile | None
 ) -> list[Keep | None]:
@@ -50,7 +58,7 @@ def utterance_patterns(
     if variant == "context" and masks.per_utterance:
         pred = s.predictor("context")
         spec = spec_from_masks(model, masks)
-        return predict_keep(s, pred, spec, split, idx, masks.meta["speakers"])
+        return predict_keep(s, pred, spec, split, idx, masks.meta["speakers"], masks.meta.get("context_exact_cut", False))
     return [masks.keep(variant, split.utts[i].context) for i in idx]
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from prune_cli.data.batching import Split
-from prune_cli.engine.masking import mode_pattern, predict_keep
+from prune_cli.engine.masking import exact_cut, mode_pattern, predict_keep
 from prune_cli.engine.session import Session
 from prune_cli.gating.masks import MaskFile, layerdrop_mask, random_mask
 from prune_cli.gating.sparsity import SCOPES, SparsitySpec
@@ -52,10 +52,11 @@ def export_masks(s: Session) -> MaskFile:
 
     pred = s.predictor("context")
     per_utt = pred.per_utterance
-    variants["context"] = _masks_for_contexts(s, pred, spec, [train, test], contexts, speakers)
+    context_exact = exact_cut(s.recipe, True)
+    variants["context"] = _masks_for_contexts(s, pred, spec, [train, test], contexts, speakers, exact=context_exact)
     if (s.run.checkpoints / "static.pt").is_file():
         variants["static"] = _masks_for_contexts(s, s.predictor("static"), spec, [train, test], contexts, speakers,
-                                                 exact=s.recipe.prune.calibrate_static)
+                                                 exact=exact_cut(s.recipe, False))
     if "random" in s.recipe.prune.baselines:
         m = random_mask(model.modules_list, targets, s.recipe.seed)
         variants["random"] = {c: m for c in contexts}
@@ -68,7 +69,8 @@ def export_masks(s: Session) -> MaskFile:
         modules=[m.name for m in model.modules_list], arch_hash=model.arch_hash(), weights_hash=model.weights_hash(),
         variants=variants, stats=stats, per_utterance=per_utt, variant_weights=own_base,
         meta={"targets": targets, "scope": ctx_ckpt["scope"], "speakers": speakers, "module_flops": flops,
-              "reference_utterance": {"frames": mean_frames, "tokens": 12}, "recipe_hash": s.run.stage_hash("prune")},
+              "reference_utterance": {"frames": mean_frames, "tokens": 12}, "recipe_hash": s.run.stage_hash("prune"),
+              "context_exact_cut": context_exact},
     )
     mf.save(s.run.masks)
     log(f"masks: {len(contexts)} contexts x {len(variants)} variants -> {s.run.masks}")

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from prune_cli.data.batching import IGNORE, Batch, Split, collate, make_batches, shard
 from prune_cli.data.features import spec_augment
+from prune_cli.engine.masking import exact_cut
 from prune_cli.engine.session import Session, build_predictor, init_distributed
 from prune_cli.gating.predictor import ContextInputs, GatePredictor, deterministic_gates, gumbel_straight_through, tau_at
 from prune_cli.gating.sparsity import SparsitySpec, calibration_shift, exact_sparsity_gates
@@ -398,7 +399,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
                 params[0]["stop"] = params[1]["start"] = g.steps // 2
         freeze = params[0].get("stop")  # phased: the step from which the predictor no longer learns
         obj = GateObjective(model, predictor, sparsity, s, speakers, g.steps,
-                            calibrated=name == "static" and r.prune.calibrate_static, frozen_from=freeze)
+                            calibrated=exact_cut(r, bool(inputs)), frozen_from=freeze)
 
         def train_mode(predictor: GatePredictor = predictor, joint: bool = joint) -> None:
             predictor.train()
@@ -411,7 +412,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
         # The context-aware predictor's thresholds are calibrated when it stops learning: at the freeze point of
         # phased training (so the base adapts to the calibrated masks), or at the end when the base stays frozen.
         calibrate_at: int | None = None
-        if g.calibrate and inputs:
+        if g.calibrate and inputs and not exact_cut(r, True):
             calibrate_at = freeze if joint else g.steps  # joint without phases never freezes: freeze is None
 
         def before_step(step: int, predictor: GatePredictor = predictor, at: int | None = calibrate_at) -> None:
