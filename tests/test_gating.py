@@ -82,9 +82,9 @@ def test_per_context_sparsity_loss_holds_each_context_to_the_target() -> None:
     gated[:2, dec] = 0.0  # context 0 (rows 0, 1) skips its whole decoder, context 1 (rows 2, 3) none of it
     gated.requires_grad_(True)
     batch_loss, logs = spec.loss(gated, alpha=1.0, warm=1.0)
-    assert logs["sparsity_decoder"] == pytest.approx(0.5) and float(batch_loss) == 0.0  # the batch mean is on target
+    assert logs["sparsity_decoder"] == pytest.approx(0.5) and float(batch_loss.detach()) == 0.0  # the batch mean is on target
     per_ctx, _ = spec.loss(gated, alpha=1.0, warm=1.0, groups=torch.tensor([7, 7, 3, 3]))
-    assert float(per_ctx) == pytest.approx(0.5 + 0.25)  # each context is 0.5 off: |d| + d^2
+    assert float(per_ctx.detach()) == pytest.approx(0.5 + 0.25)  # each context is 0.5 off: |d| + d^2
     per_ctx.backward()
     assert gated.grad is not None
     assert (gated.grad[:2, dec] < 0).all()  # the over-pruned context is pushed to keep modules,
