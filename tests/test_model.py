@@ -198,6 +198,22 @@ def _alignment_log_prob(lp: torch.Tensor, accept) -> float:  # noqa: ANN001
     return math.log(total) if total > 0 else float("-inf")
 
 
+def boost_eos(model: SpeechModel, amount: float) -> list[int]:
+    """Make the decoder favour EOS (an untrained model never ends a hypothesis); returns a list that counts its calls."""
+    from prune_cli.data.tokenizer import EOS
+
+    decode_logits, calls = model.decode_logits, []
+
+    def boosted(*args, **kwargs) -> torch.Tensor:
+        calls.append(1)
+        logits = decode_logits(*args, **kwargs)
+        logits[..., EOS] += amount
+        return logits
+
+    model.decode_logits = boosted  # type: ignore[method-assign]
+    return calls
+
+
 def test_ctc_prefix_scores_equal_sums_over_alignments() -> None:
     from prune_cli.data.tokenizer import EOS
     from prune_cli.model.ctc_prefix import CTCPrefixScorer
@@ -229,14 +245,7 @@ def test_joint_ctc_attention_beam_scores_its_hypotheses_exactly() -> None:
 
     model = tiny(5)
     # An untrained model never ends a hypothesis: favour EOS in the decoder and blanks (short outputs) in CTC.
-    decode_logits = model.decode_logits
-
-    def eos_boosted(*args, **kwargs) -> torch.Tensor:
-        logits = decode_logits(*args, **kwargs)
-        logits[..., EOS] += 4.0
-        return logits
-
-    model.decode_logits = eos_boosted  # type: ignore[method-assign]
+    boost_eos(model, 4.0)
     with torch.no_grad():
         model.ctc.bias[0] += 3.0
     x, lens, _ = inputs(3)
@@ -286,20 +295,10 @@ def test_depthwise_conv_time_equals_conv1d_values_and_gradients() -> None:
 
 
 def test_beam_stops_once_settled_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    from prune_cli.data.tokenizer import EOS
     from prune_cli.model import decoding
 
     model = tiny(5)
-    decode_logits = model.decode_logits
-    calls = []
-
-    def eos_boosted(*args, **kwargs) -> torch.Tensor:  # the best beams end early, some others never do
-        calls.append(1)
-        logits = decode_logits(*args, **kwargs)
-        logits[..., EOS] += 2.5
-        return logits
-
-    model.decode_logits = eos_boosted  # type: ignore[method-assign]
+    calls = boost_eos(model, 2.5)  # the best beams end early, some others never do
     x, lens, _ = inputs(3)
     prompt = [1, 7, 4, 7]
     for w in (0.0, 0.5):
