@@ -84,6 +84,18 @@ def test_spoken_text_segments_compounds_without_changing_words() -> None:
                 assert spoken_text(text, lang).replace(" ", "") == text.replace(" ", "")
 
 
+def test_italian_numbers_have_one_spelling_per_sound() -> None:
+    # num2words writes 23 "ventitré" but 123 "centoventitre", and 118 "centodicotto"
+    assert number_text(123, "it", "cardinal") == "centoventitré"
+    assert number_text(1123, "it", "year") == "millecentoventitré"
+    assert number_text(123, "it", "ordinal") == "centoventitreesimo"  # not word-final: no accent
+    assert number_text(3, "it", "cardinal") == "tre"
+    assert number_text(118, "it", "cardinal") == "centodiciotto"
+    assert number_text(2118, "it", "ordinal") == "duemilacentodiciottesimo"
+    words = {number_text(n, "it", form) for n in range(10000) for form in ("cardinal", "ordinal")}
+    assert not any(w.endswith("tre") and w != "tre" or "dicott" in w for w in words)
+
+
 def test_data_check_finds_planted_errors_with_line_numbers(tmp_path: Path, smoke_corpus: list[str]) -> None:
     manifest_dir = Path(smoke_corpus[1].split("=", 1)[1])
     rows = (manifest_dir / "dev.jsonl").read_text().splitlines()[:6]
