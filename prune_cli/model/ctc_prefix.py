@@ -25,13 +25,14 @@ class PrefixState:
 
 
 class CTCPrefixScorer:
-    def __init__(self, ctc_logits: torch.Tensor, lens: torch.Tensor, specials: int):
-        """ctc_logits (N, T, V) per hypothesis; frames past an utterance's length emit blank with probability 1."""
-        lp = ctc_logits.float().log_softmax(-1).transpose(0, 1).clone()  # (T, N, V)
+    def __init__(self, ctc_logits: torch.Tensor, lens: torch.Tensor, specials: int, copies: int = 1):
+        """ctc_logits (B, T, V) per utterance, each scored for `copies` consecutive hypotheses (N = B * copies);
+        frames past an utterance's length emit blank with probability 1."""
+        lp = ctc_logits.float().log_softmax(-1).transpose(0, 1).clone()  # (T, B, V)
         pad = torch.arange(lp.shape[0], device=lp.device)[:, None] >= lens.to(lp.device)[None, :]
         lp[pad] = NEG_INF
         lp[..., BLANK] = lp[..., BLANK].masked_fill(pad, 0.0)
-        self.lp = lp
+        self.lp = lp.repeat_interleave(copies, 1)  # (T, N, V)
         self.specials = specials  # ids below this are not text (blank, prompt tokens); EOS is handled apart
 
     def initial(self) -> PrefixState:

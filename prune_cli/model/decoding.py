@@ -94,7 +94,7 @@ def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list
     w = opts.ctc_weight
     ctc = None
     if w > 0:
-        ctc = CTCPrefixScorer(model.ctc(mem).repeat_interleave(k, 0), mem_lens.repeat_interleave(k), len(SPECIALS))
+        ctc = CTCPrefixScorer(model.ctc(mem), mem_lens, len(SPECIALS), copies=k)
     state = ctc.initial() if ctc is not None else None
     mem = mem.repeat_interleave(k, 0)
     mem_mask = mem_mask.repeat_interleave(k, 0)
