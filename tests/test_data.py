@@ -57,6 +57,18 @@ def test_synthesis_is_deterministic_and_covers_every_context(tmp_path: Path) -> 
     assert not numbers["train"] & numbers["test"] and not numbers["train"] & numbers["dev"]
 
 
+def test_large_test_split_leaves_train_its_share_of_small_numbers() -> None:
+    # A third of the utterances are test; the two-digit cardinals must not go to test wholesale.
+    specs = plan_corpus(SynthConfig(n_train=2200, n_dev=110, n_test=1100, forms=["cardinal"]), seed=3)
+    small = {sp.split: set() for sp in specs}
+    for sp in specs:
+        if sp.number < 100:
+            small[sp.split].add(sp.number)
+    assert not small["train"] & small["test"] and not small["train"] & small["dev"]
+    assert len(small["test"]) <= 45  # about its share (a third) of 0..99; drawing first it took ~90
+    assert len(small["train"]) >= 50
+
+
 def test_other_seed_gives_other_corpus() -> None:
     a = plan_corpus(TINY, 1)
     b = plan_corpus(TINY, 2)
