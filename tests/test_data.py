@@ -65,7 +65,7 @@ def test_large_test_split_leaves_train_its_share_of_small_numbers() -> None:
         if sp.number < 100:
             small[sp.split].add(sp.number)
     assert not small["train"] & small["test"] and not small["train"] & small["dev"]
-    assert len(small["test"]) <= 45  # about its share (a third) of 0..99; drawing first it took ~90
+    assert len(small["test"]) <= 45  # about its share (a third) of 0..99; drawing first it took 95
     assert len(small["train"]) >= 50
 
 

@@ -155,8 +155,8 @@ def plan_corpus(cfg: SynthConfig, seed: int) -> list[UttSpec]:
 
     Each (form, number) belongs to one split by a seeded hash, with each split's share of the utterances, so a held-out
     split never takes more than its share of a small number space. (Until SYNTH_VERSION 5 the held-out splits drew
-    first and kept every number they drew: 3300 test utterances reserved 94% of the two-digit cardinals and most
-    ordinals, and the model, never having heard plain "trentaquattro", wrote "centoventiquattro".)
+    first and kept every number they drew: with 3300 test utterances, test and dev held 95 of the 100 two-digit
+    cardinals and most ordinals, and the model, never having heard plain "trentaquattro", wrote "centoventiquattro".)
     """
     rng = np.random.default_rng(seed)
     contexts = [("asr", lang, lang) for lang in cfg.languages]
