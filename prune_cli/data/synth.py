@@ -165,7 +165,7 @@ def plan_corpus(cfg: SynthConfig, seed: int) -> list[UttSpec]:
     total = sum(sizes.values())
     shares = (sizes["test"] / total, (sizes["test"] + sizes["dev"]) / total)
     specs: list[UttSpec] = []
-    # Held-out splits first, so their numbers are reserved before train draws.
+    # Ownership is by number_split, not draw order; this order only fixes how the seeded RNG is consumed.
     for split in ("test", "dev", "train"):
         per_ctx = [sizes[split] // len(contexts) + (1 if i < sizes[split] % len(contexts) else 0)
                    for i in range(len(contexts))]
@@ -175,7 +175,7 @@ def plan_corpus(cfg: SynthConfig, seed: int) -> list[UttSpec]:
             while made < count:
                 attempts += 1
                 if attempts > 200 * count + 1000:
-                    raise DataError(f"corpus plan: cannot find {count} unused numbers for {split}; raise max_number")
+                    raise DataError(f"corpus plan: cannot find {count} numbers owned by {split}; raise max_number")
                 form = cfg.forms[int(rng.integers(len(cfg.forms)))]
                 n = _sample_number(rng, form, cfg.max_number)
                 if number_split(seed, form, n, shares) != split:
