@@ -34,6 +34,28 @@ def main(run_dir: Path) -> None:
         cost = ", ".join(f"{m.upper()} {avg[m] - dense[m]:+.2f}" for m in ("wer", "bleu") if m in avg and m in dense)
         print(f"{v}: FLOPs -{100 * flops_cut:.1f}%, latency -{100 * lat_cut:.1f}% (latency cut / FLOPs cut = {track:.2f})"
               + (f"; quality vs dense: {cost}" if cost else ""))
+    masks_path = run_dir / "masks.json"
+    if masks_path.is_file():
+        print_mask_structure(json.loads(masks_path.read_text()))
+
+
+def print_mask_structure(masks: dict) -> None:
+    """Per learned variant: mean sparsity of ASR and of ST contexts, and how many distinct masks each part has."""
+    modules = masks["modules"]
+    for v in ("context", "static"):
+        table, stats = masks["variants"].get(v), masks["stats"].get(v, {})
+        if not table:
+            continue
+        by_task = {}
+        for task in ("asr", "st"):
+            rows = [st for ctx, st in stats.items() if ctx.split(":")[0] == task]
+            if rows:
+                by_task[task] = " / ".join(f"{sum(r[f'sparsity_{p}'] for r in rows) / len(rows):.3f}"
+                                           for p in ("encoder", "decoder"))
+        distinct = {part: len({tuple(k for k, m in zip(vec, modules) if m.startswith(part)) for vec in table.values()})
+                    for part in ("encoder", "decoder")}
+        print(f"{v} masks: mean sparsity enc / dec " + ", ".join(f"{t} {x}" for t, x in by_task.items())
+              + f"; distinct masks: encoder {distinct['encoder']}, decoder {distinct['decoder']} of {len(table)} contexts")
 
 
 if __name__ == "__main__":
