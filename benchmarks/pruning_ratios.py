@@ -56,6 +56,16 @@ def print_mask_structure(masks: dict) -> None:
                     for part in ("encoder", "decoder")}
         print(f"{v} masks: mean sparsity enc / dec " + ", ".join(f"{t} {x}" for t, x in by_task.items())
               + f"; distinct masks: encoder {distinct['encoder']}, decoder {distinct['decoder']} of {len(table)} contexts")
+        if v == "context":  # which kinds of module ASR and ST contexts give up, e.g. ST keeping more cross-attention
+            kinds = sorted({m.split(".", 2)[0] + "." + m.split(".", 2)[2] for m in modules})
+            for task in ("asr", "st"):
+                rows = [vec for ctx, vec in table.items() if ctx.split(":")[0] == task]
+                if not rows:
+                    continue
+                skipped = {k: sum(1 - vec[i] for vec in rows for i, m in enumerate(modules)
+                                  if m.split(".", 2)[0] + "." + m.split(".", 2)[2] == k) / len(rows) for k in kinds}
+                print(f"  {task} contexts, modules skipped per context by kind: "
+                      + ", ".join(f"{k} {x:.2f}" for k, x in skipped.items() if x))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""The README's results script: mask-structure summary (pure Python, no model)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pruning_ratios.py"
+
+
+def _script():  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location("pruning_ratios", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_mask_structure_counts_distinct_masks_and_skips_by_task_and_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    modules = ["encoder.0.ffn1", "encoder.0.attn", "decoder.0.self_attn", "decoder.0.src_attn",
+               "decoder.1.self_attn", "decoder.1.src_attn"]
+    context = {"asr:de": [1, 0, 1, 0, 1, 0], "asr:en": [1, 0, 0, 0, 1, 1], "st:de-en": [1, 0, 0, 1, 1, 1]}
+    stats = {ctx: {"sparsity_encoder": 0.5, "sparsity_decoder": (4 - sum(v[2:])) / 4} for ctx, v in context.items()}
+    _script().print_mask_structure({"modules": modules, "variants": {"context": context}, "stats": {"context": stats}})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("context masks: mean sparsity enc / dec asr 0.500 / 0.500, st 0.500 / 0.250; "
+                      "distinct masks: encoder 1, decoder 3 of 3 contexts")
+    # asr: cross-attention skipped 2 + 1 times over 2 contexts, self-attention 0 + 1; st: one self-attention
+    assert out[1] == "  asr contexts, modules skipped per context by kind: decoder.self_attn 0.50, decoder.src_attn 1.50, encoder.attn 1.00"
+    assert out[2] == "  st contexts, modules skipped per context by kind: decoder.self_attn 1.00, encoder.attn 1.00"
