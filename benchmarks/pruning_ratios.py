@@ -42,30 +42,30 @@ def main(run_dir: Path) -> None:
 def print_mask_structure(masks: dict) -> None:
     """Per learned variant: mean sparsity of ASR and of ST contexts, and how many distinct masks each part has."""
     modules = masks["modules"]
+    kind_of = [f"{m.split('.')[0]}.{m.split('.')[2]}" for m in modules]  # encoder.3.cgmlp -> encoder.cgmlp
     for v in ("context", "static"):
         table, stats = masks["variants"].get(v), masks["stats"].get(v, {})
         if not table:
             continue
-        by_task = {}
-        for task in ("asr", "st"):
-            rows = [st for ctx, st in stats.items() if ctx.split(":")[0] == task]
-            if rows:
-                by_task[task] = " / ".join(f"{sum(r[f'sparsity_{p}'] for r in rows) / len(rows):.3f}"
-                                           for p in ("encoder", "decoder"))
+        rows_by_task = {task: [ctx for ctx in table if ctx.split(":")[0] == task] for task in ("asr", "st")}
+        by_task = {task: " / ".join(f"{sum(stats[c][f'sparsity_{p}'] for c in ctxs) / len(ctxs):.3f}"
+                                    for p in ("encoder", "decoder"))
+                   for task, ctxs in rows_by_task.items() if ctxs}
         distinct = {part: len({tuple(k for k, m in zip(vec, modules) if m.startswith(part)) for vec in table.values()})
                     for part in ("encoder", "decoder")}
         print(f"{v} masks: mean sparsity enc / dec " + ", ".join(f"{t} {x}" for t, x in by_task.items())
               + f"; distinct masks: encoder {distinct['encoder']}, decoder {distinct['decoder']} of {len(table)} contexts")
-        if v == "context":  # which kinds of module ASR and ST contexts give up, e.g. ST keeping more cross-attention
-            kinds = sorted({m.split(".", 2)[0] + "." + m.split(".", 2)[2] for m in modules})
-            for task in ("asr", "st"):
-                rows = [vec for ctx, vec in table.items() if ctx.split(":")[0] == task]
-                if not rows:
-                    continue
-                skipped = {k: sum(1 - vec[i] for vec in rows for i, m in enumerate(modules)
-                                  if m.split(".", 2)[0] + "." + m.split(".", 2)[2] == k) / len(rows) for k in kinds}
-                print(f"  {task} contexts, modules skipped per context by kind: "
-                      + ", ".join(f"{k} {x:.2f}" for k, x in skipped.items() if x))
+        if v != "context":  # which kinds of module ASR and ST contexts give up, e.g. ST keeping more cross-attention
+            continue
+        for task, ctxs in rows_by_task.items():
+            if not ctxs:
+                continue
+            skipped = dict.fromkeys(sorted(set(kind_of)), 0.0)
+            for c in ctxs:
+                for keep, kind in zip(table[c], kind_of):
+                    skipped[kind] += (1 - keep) / len(ctxs)
+            print(f"  {task} contexts, modules skipped per context by kind: "
+                  + ", ".join(f"{k} {x:.2f}" for k, x in skipped.items() if x))
 
 
 if __name__ == "__main__":
