@@ -157,6 +157,12 @@ class GatesConfig:
     # threshold so the mean sparsity over training utterances meets the target. Not applied to `joint`, nor with
     # sparsity_per: context (whose masks are cut at exactly the target per context).
     calibrate: bool = True
+    # Weight of a distillation term: KL from the dense base's next-token distribution (teacher forcing) to the gated
+    # model's, added to the task loss in every gate step. 0: off (no teacher forward pass).
+    distill: float = 0.0
+    # Seeds the gate stage alone (predictor init, Gumbel noise, data order); None: the run's seed. Lets one base and
+    # corpus measure how much the learned masks and their quality vary with gate training's randomness.
+    seed: Optional[int] = None
     train_static: bool = True  # the `static` baseline is trained with the same loop
     static_lr: float = 2e-2  # its single logit table needs a larger step to reach the target in the same steps
     val_every: int = 200
@@ -431,6 +437,8 @@ def _semantic_checks(r: Recipe) -> list[str]:
     for bs in r.profile.batch_sizes:
         if bs < 1:
             errs.append("profile.batch_sizes: must be positive")
+    if r.gates.distill < 0.0:
+        errs.append(f"gates.distill: must be >= 0, got {r.gates.distill}")
     if not 0.0 <= r.base.module_drop < 1.0:
         errs.append(f"base.module_drop: must be in [0, 1), got {r.base.module_drop}")
     if not 0.0 <= r.eval.ctc_weight <= 1.0:

@@ -175,21 +175,21 @@ def test_gates_switch_to_the_exported_masks_once_the_predictor_is_frozen(tmp_pat
     batch = Batch(torch.randn(b, 40, 80), torch.full((b,), 40), torch.ones(b, 4, dtype=torch.long),
                   torch.ones(b, 4, dtype=torch.long), torch.ones(b, 2, dtype=torch.long), torch.full((b,), 2),
                   ["asr"] * b, ["en"] * b, ["en"] * b, ["s"] * b, list(range(b)))
-    obj = GateObjective(model, pred, spec, session, [], 10, calibrated=True, frozen_from=5)
+    obj = GateObjective(model, pred, spec, session, [], 10, 7, calibrated=True, frozen_from=5)
     logits = pred(ContextInputs.build(["asr"] * b, ["en"] * b, ["en"] * b, ["s"] * b, batch.feats, batch.feat_lens, []))
     exported = spec.force_ungated(exact_sparsity_gates(logits, spec))
     assert all(torch.allclose(v, torch.tensor(t)) for v, t in
                ((spec.sparsity(exported)[s], spec.targets[s]) for s in spec.targets))
     for step in (5, 9, None):  # frozen phase and evaluation: the mask that will be exported
         assert torch.equal(obj.gates(batch, step), exported)
-    # before the predictor is frozen it still learns through Gumbel straight-through samples
+    # before the predictor is frozen it still learns through Gumbel straight-through samples, drawn from the gate seed
     sampled = obj.gates(batch, 0)
     g = recipe.gates
     tau = tau_at(0, 10, g.tau_start, g.tau_end)
-    want = gumbel_straight_through(logits, tau, derived_generator(recipe.seed, GUMBEL_SALT, 0), noise_scale=tau / g.tau_start)
+    want = gumbel_straight_through(logits, tau, derived_generator(7, GUMBEL_SALT, 0), noise_scale=tau / g.tau_start)
     assert torch.equal(sampled, spec.force_ungated(want)) and sampled.requires_grad
     # the context-aware predictor (not calibrated) exports, and so trains the frozen phase under, the argmax
-    ctx_obj = GateObjective(model, pred, spec, session, [], 10, calibrated=False, frozen_from=5)
+    ctx_obj = GateObjective(model, pred, spec, session, [], 10, 7, calibrated=False, frozen_from=5)
     assert torch.equal(ctx_obj.gates(batch, 5), spec.force_ungated(deterministic_gates(logits)))
 
 
@@ -230,3 +230,23 @@ def test_predictor_shift_moves_the_skip_logits_of_both_kinds() -> None:
         after = pred(ctx).detach()
         assert torch.allclose(after[..., 0] - before[..., 0], shift.expand(4, 10))
         assert torch.equal(after[..., 1], before[..., 1])
+
+
+def test_distillation_loss_is_the_kl_to_the_teacher_over_target_tokens() -> None:
+    from prune_cli.data.batching import IGNORE, Batch
+    from prune_cli.engine.train import distill_loss
+
+    torch.manual_seed(0)
+    labels = torch.tensor([[5, 6, IGNORE], [7, IGNORE, IGNORE]])
+    batch = Batch(torch.zeros(2, 4, 80), torch.full((2,), 4), labels, labels, labels, torch.zeros(2, dtype=torch.long),
+                  ["asr"] * 2, ["en"] * 2, ["en"] * 2, ["s"] * 2, [0, 1])
+    teacher = torch.randn(2, 3, 10)
+    student = torch.randn(2, 3, 10, requires_grad=True)
+    assert float(distill_loss(teacher, teacher, batch)) == pytest.approx(0.0, abs=1e-6)
+    kd = distill_loss(student, teacher, batch)
+    p, q = teacher.log_softmax(-1), student.detach().log_softmax(-1)
+    tokens = [(0, 0), (0, 1), (1, 0)]  # padding positions do not count
+    want = sum(float((p[i, j].exp() * (p[i, j] - q[i, j])).sum()) for i, j in tokens) / len(tokens)
+    assert float(kd.detach()) == pytest.approx(want, rel=1e-5) and want > 0
+    kd.backward()
+    assert student.grad is not None and float(student.grad[0, 2].abs().sum()) == 0.0

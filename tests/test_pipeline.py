@@ -299,3 +299,23 @@ def test_per_context_sparsity_cuts_every_context_at_the_target(tmp_path: Path, s
     vals = [e for e in events if e.get("event") == "val"]
     # Validation runs the masks prune exports (and the base trains under them after the freeze): exact cuts.
     assert vals and all((e["val_sparsity_encoder"], e["val_sparsity_decoder"]) == (0.25, 0.5) for e in vals)
+
+
+def test_gate_seed_and_distillation_change_only_the_gate_stage(tmp_path: Path, smoke_run: Path,
+                                                               smoke_corpus: list[str]) -> None:
+    import torch
+
+    run_dir = tmp_path / "gate_seed"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("sweep", "eval", "profile", "pruned"))
+    (run_dir / "logs" / "gates.jsonl").unlink()
+    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(run_dir), "--stages", "base,gates",
+            "--set", "gates.seed=99", "--set", "gates.distill=0.5", "--set", "gates.train_static=false")
+    assert r.returncode == 0, r.stderr
+    assert "[base] up to date, skipped" in r.stderr and "[gates] running" in r.stderr
+    rows = [json.loads(x) for x in (run_dir / "logs" / "gates.jsonl").read_text().splitlines()]
+    train_rows = [x for x in rows if "distill" in x and "event" not in x]
+    # the teacher is the dense base: the gated model drifts from it, so the KL term is positive and logged
+    assert train_rows and all(x["distill"] > 0 for x in train_rows)
+    new = torch.load(run_dir / "checkpoints" / "gates.pt", weights_only=False)["state_dict"]
+    old = torch.load(smoke_run / "checkpoints" / "gates.pt", weights_only=False)["state_dict"]
+    assert any(not torch.equal(new[k], old[k]) for k in old)  # another gate seed: another predictor

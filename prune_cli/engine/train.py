@@ -45,6 +45,13 @@ def seq_loss(logits: torch.Tensor, batch: Batch, smoothing: float) -> tuple[torc
     return loss, acc
 
 
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, averaged over target tokens."""
+    valid = batch.dec_out[:, : logits.shape[1]] != IGNORE
+    t = teacher_logits.float().log_softmax(-1)[valid]
+    return F.kl_div(logits.float().log_softmax(-1)[valid], t, log_target=True, reduction="batchmean")
+
+
 def ctc_loss(ctc_logits: torch.Tensor, mem_lens: torch.Tensor, batch: Batch) -> torch.Tensor:
     has = batch.ctc_lens > 0
     if not bool(has.any()):
@@ -80,10 +87,12 @@ class GateObjective(nn.Module):
     """Task loss through hard-gated modules (Gumbel straight-through) + sparsity loss."""
 
     def __init__(self, model: SpeechModel, predictor: GatePredictor, spec: SparsitySpec, session: Session,
-                 speakers: list[str], total_steps: int, calibrated: bool = False, frozen_from: int | None = None):
+                 speakers: list[str], total_steps: int, seed: int, calibrated: bool = False,
+                 frozen_from: int | None = None, teacher: SpeechModel | None = None):
         super().__init__()
         self.model, self.predictor, self.spec = model, predictor, spec
-        self.s, self.speakers, self.total = session, speakers, total_steps
+        self.s, self.speakers, self.total, self.seed = session, speakers, total_steps, seed
+        self.teacher = teacher  # the dense base, frozen: gates.distill > 0
         # calibrated: the exported mask is cut at exactly the target (static baseline), not the argmax.
         self.calibrated, self.frozen_from = calibrated, frozen_from
 
@@ -99,15 +108,25 @@ class GateObjective(nn.Module):
             keep = exact_sparsity_gates(logits, self.spec) if self.calibrated else deterministic_gates(logits)
         else:
             tau = tau_at(step, self.total, g.tau_start, g.tau_end)
-            keep = gumbel_straight_through(logits, tau, derived_generator(self.s.recipe.seed, GUMBEL_SALT, step),
+            keep = gumbel_straight_through(logits, tau, derived_generator(self.seed, GUMBEL_SALT, step),
                                            noise_scale=tau / g.tau_start)
         return self.spec.force_ungated(keep)
 
     def forward(self, batch: Batch, step: int | None) -> tuple[torch.Tensor, dict[str, float]]:
         g = self.s.recipe.gates
         keep = self.gates(batch, step)
-        logits, _, _ = self.model(batch.feats, batch.feat_lens, batch.dec_in, scale=keep)
-        task, acc = seq_loss(logits, batch, self.s.recipe.base.label_smoothing)
+        logits, ctc_logits, mem_lens = self.model(batch.feats, batch.feat_lens, batch.dec_in, scale=keep)
+        att, acc = seq_loss(logits, batch, self.s.recipe.base.label_smoothing)
+        # The base's own joint loss: ASR decoding rescores with the CTC head, which must keep up with a pruned
+        # (and, when fine-tuned, changing) encoder.
+        w = self.s.recipe.base.ctc_weight
+        task = (1 - w) * att + w * ctc_loss(ctc_logits, mem_lens, batch) if w > 0 else att
+        kd = logits.new_zeros(())
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits, _, _ = self.teacher(batch.feats, batch.feat_lens, batch.dec_in)
+            kd = distill_loss(logits, teacher_logits, batch)
+            task = task + g.distill * kd
         warm = 1.0 if step is None else min(1.0, (step + 1) / max(1, g.target_warmup_steps))
         groups = None
         if g.sparsity_per == "context":
@@ -116,7 +135,8 @@ class GateObjective(nn.Module):
             groups = torch.tensor([ids.setdefault(k, len(ids)) for k in keys], device=keep.device)
         sp_loss, sp_logs = self.spec.loss(keep, g.alpha, warm, groups)
         loss = task + sp_loss
-        logs = {k: float(v.detach()) for k, v in (("loss", loss), ("task", task), ("sparsity_loss", sp_loss), ("acc", acc))}
+        logs = {k: float(v.detach()) for k, v in
+                (("loss", loss), ("task", task), ("att", att), ("distill", kd), ("sparsity_loss", sp_loss), ("acc", acc))}
         return loss, {**logs, **sp_logs}
 
 
@@ -139,6 +159,7 @@ class LoopSpec:
     state_modules: dict[str, nn.Module]  # what a checkpoint holds
     train_mode: Callable[[], None]
     eval_mode: Callable[[], None]
+    seed: int = 0  # data order and SpecAugment
     weight_decay: float = 0.0
     skips_modules: bool = False  # some parameters get no gradient in a step
     before_step: Callable[[int], None] | None = None  # e.g. calibration at the freeze point of phased training
@@ -153,16 +174,16 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
-def _batch_plan(split: Split, s: Session, epoch: int) -> list[list[int]]:
+def _batch_plan(split: Split, s: Session, epoch: int, seed: int) -> list[list[int]]:
     lengths = [f.shape[0] for f in split.feats]
-    return shard(make_batches(lengths, s.recipe.data.max_frames_per_batch, s.recipe.seed, epoch), s.dist.rank, s.dist.world)
+    return shard(make_batches(lengths, s.recipe.data.max_frames_per_batch, seed, epoch), s.dist.rank, s.dist.world)
 
 
-def _prepare(split: Split, idx: list[int], s: Session, step: int | None) -> Batch:
+def _prepare(split: Split, idx: list[int], s: Session, step: int | None, seed: int = 0) -> Batch:
     b = collate(split, idx, s.tokenizer, s.cmvn, s.recipe.model.max_len)
     if step is not None and s.recipe.features.specaugment is not None:
         b.feats = spec_augment(b.feats, b.feat_lens, s.recipe.features.specaugment,
-                               derived_generator(s.recipe.seed, SPECAUG_SALT, step))
+                               derived_generator(seed, SPECAUG_SALT, step))
     return b.to(s.device)
 
 
@@ -213,7 +234,7 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
     objective = DDP(spec.objective, find_unused_parameters=spec.skips_modules) if s.dist.world > 1 else spec.objective
     tb = _tensorboard(s.run.path / "tensorboard" / spec.name) if s.dist.is_main else None
     spec.train_mode()
-    plan = _batch_plan(train, s, epoch)
+    plan = _batch_plan(train, s, epoch, spec.seed)
     t0 = time.monotonic()
     metrics: dict[str, float] = {}
     with progress(f"train {spec.name}", total=spec.steps) as bar:
@@ -228,8 +249,8 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
             for _ in range(spec.grad_accum):
                 if pos >= len(plan):
                     epoch, pos = epoch + 1, 0
-                    plan = _batch_plan(train, s, epoch)
-                batch = _prepare(train, plan[pos], s, step)
+                    plan = _batch_plan(train, s, epoch, spec.seed)
+                batch = _prepare(train, plan[pos], s, step, spec.seed)
                 pos += 1
                 with _autocast(s):
                     loss, logs = objective(batch, step)
@@ -312,7 +333,7 @@ def train_base(s: Session) -> dict[str, float]:
         params=[{"params": list(model.parameters()), "lr": b.lr}], steps=b.steps, warmup=b.warmup_steps,
         val_every=b.val_every, save_every=b.save_every, log_every=b.log_every, keep_best=b.keep_best, clip=b.clip,
         grad_accum=b.grad_accum, state_modules={"model": model}, train_mode=model.train, eval_mode=model.eval,
-        weight_decay=b.weight_decay, skips_modules=b.module_drop > 0,
+        seed=r.seed, weight_decay=b.weight_decay, skips_modules=b.module_drop > 0,
     )
     metrics = run_loop(spec, train, dev, s)
     if s.dist.world > 1:
@@ -368,9 +389,11 @@ def _load_base(s: Session) -> SpeechModel:
 def train_gates(s: Session) -> dict[str, dict[str, float]]:
     r, g = s.recipe, s.recipe.gates
     s.dist = init_distributed(s.device)
-    seed_everything(r.seed + 1)
+    seed = r.seed if g.seed is None else g.seed
+    seed_everything(seed + 1)
     train, dev = prepare_data(s)
     model = _load_base(s)
+    teacher = _load_base(s).requires_grad_(False) if g.distill > 0 else None
     speakers = sorted({u.speaker for u in train.utts})
     mean_frames = int(sum(f.shape[0] for f in train.feats) / len(train))
     mean_tokens = int(sum(len(s.tokenizer.encode(u.text)) for u in train.utts[:2000]) / min(2000, len(train))) + 5
@@ -381,7 +404,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
     if g.train_static:
         variants.append(("static", [], s.run.checkpoints / "static.pt"))
     for name, inputs, out_path in variants:
-        seed_everything(r.seed + len(name))
+        seed_everything(seed + len(name))
         # With fine-tuning, each learned variant adapts its own copy of the base, on the same schedule and budget:
         # the static baseline gets what the context-aware gates get.
         joint = g.finetune_base
@@ -398,8 +421,8 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
             if g.finetune_schedule == "phased":
                 params[0]["stop"] = params[1]["start"] = g.steps // 2
         freeze = params[0].get("stop")  # phased: the step from which the predictor no longer learns
-        obj = GateObjective(model, predictor, sparsity, s, speakers, g.steps,
-                            calibrated=exact_cut(r, bool(inputs)), frozen_from=freeze)
+        obj = GateObjective(model, predictor, sparsity, s, speakers, g.steps, seed,
+                            calibrated=exact_cut(r, bool(inputs)), frozen_from=freeze, teacher=teacher)
 
         def train_mode(predictor: GatePredictor = predictor, joint: bool = joint) -> None:
             predictor.train()
@@ -424,7 +447,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
             name=name, objective=obj, params=params, steps=g.steps, warmup=min(50, g.steps // 10 + 1),
             val_every=g.val_every, save_every=g.save_every, log_every=g.log_every, keep_best=0, clip=r.base.clip,
             grad_accum=r.base.grad_accum, state_modules=state, train_mode=train_mode, eval_mode=eval_mode,
-            before_step=before_step,
+            before_step=before_step, seed=seed,
         )
         metrics = run_loop(spec, train, dev, s)
         if calibrate_at == g.steps:  # frozen base: after the last step (idempotent on a resumed, finished run)
