@@ -316,6 +316,8 @@ def test_gate_seed_and_distillation_change_only_the_gate_stage(tmp_path: Path, s
     train_rows = [x for x in rows if "distill" in x and "event" not in x]
     # the teacher is the dense base: the gated model drifts from it, so the KL term is positive and logged
     assert train_rows and all(x["distill"] > 0 for x in train_rows)
+    without = [json.loads(x) for x in (smoke_run / "logs" / "gates.jsonl").read_text().splitlines()]
+    assert not any("distill" in x or "val_distill" in x for x in without)  # off: no teacher, nothing logged
     new = torch.load(run_dir / "checkpoints" / "gates.pt", weights_only=False)["state_dict"]
     old = torch.load(smoke_run / "checkpoints" / "gates.pt", weights_only=False)["state_dict"]
-    assert any(not torch.equal(new[k], old[k]) for k in old)  # another gate seed: another predictor
+    assert any(not torch.equal(new[k], old[k]) for k in old)  # another seed (and the KL term): another predictor

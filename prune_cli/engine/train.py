@@ -121,12 +121,12 @@ class GateObjective(nn.Module):
         # (and, when fine-tuned, changing) encoder.
         w = self.s.recipe.base.ctc_weight
         task = (1 - w) * att + w * ctc_loss(ctc_logits, mem_lens, batch) if w > 0 else att
-        kd = logits.new_zeros(())
+        parts = {"att": att}
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_logits, _, _ = self.teacher(batch.feats, batch.feat_lens, batch.dec_in)
-            kd = distill_loss(logits, teacher_logits, batch)
-            task = task + g.distill * kd
+            parts["distill"] = distill_loss(logits, teacher_logits, batch)
+            task = task + g.distill * parts["distill"]
         warm = 1.0 if step is None else min(1.0, (step + 1) / max(1, g.target_warmup_steps))
         groups = None
         if g.sparsity_per == "context":
@@ -136,7 +136,7 @@ class GateObjective(nn.Module):
         sp_loss, sp_logs = self.spec.loss(keep, g.alpha, warm, groups)
         loss = task + sp_loss
         logs = {k: float(v.detach()) for k, v in
-                (("loss", loss), ("task", task), ("att", att), ("distill", kd), ("sparsity_loss", sp_loss), ("acc", acc))}
+                {"loss": loss, "task": task, **parts, "sparsity_loss": sp_loss, "acc": acc}.items()}
         return loss, {**logs, **sp_logs}
 
 
