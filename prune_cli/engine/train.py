@@ -159,7 +159,7 @@ class LoopSpec:
     state_modules: dict[str, nn.Module]  # what a checkpoint holds
     train_mode: Callable[[], None]
     eval_mode: Callable[[], None]
-    seed: int = 0  # data order and SpecAugment
+    seed: int  # data order and SpecAugment
     weight_decay: float = 0.0
     skips_modules: bool = False  # some parameters get no gradient in a step
     before_step: Callable[[int], None] | None = None  # e.g. calibration at the freeze point of phased training
