@@ -179,9 +179,11 @@ def _batch_plan(split: Split, s: Session, epoch: int, seed: int) -> list[list[in
     return shard(make_batches(lengths, s.recipe.data.max_frames_per_batch, seed, epoch), s.dist.rank, s.dist.world)
 
 
-def _prepare(split: Split, idx: list[int], s: Session, step: int | None, seed: int = 0) -> Batch:
+def _prepare(split: Split, idx: list[int], s: Session, augment: tuple[int, int] | None) -> Batch:
+    """Collate on the device; `augment` = (seed, step) of a training batch's SpecAugment, None for evaluation."""
     b = collate(split, idx, s.tokenizer, s.cmvn, s.recipe.model.max_len)
-    if step is not None and s.recipe.features.specaugment is not None:
+    if augment is not None and s.recipe.features.specaugment is not None:
+        seed, step = augment
         b.feats = spec_augment(b.feats, b.feat_lens, s.recipe.features.specaugment,
                                derived_generator(seed, SPECAUG_SALT, step))
     return b.to(s.device)
@@ -250,7 +252,7 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
                 if pos >= len(plan):
                     epoch, pos = epoch + 1, 0
                     plan = _batch_plan(train, s, epoch, spec.seed)
-                batch = _prepare(train, plan[pos], s, step, spec.seed)
+                batch = _prepare(train, plan[pos], s, (spec.seed, step))
                 pos += 1
                 with _autocast(s):
                     loss, logs = objective(batch, step)
