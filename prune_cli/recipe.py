@@ -160,8 +160,8 @@ class GatesConfig:
     # Weight of a distillation term: KL from the dense base's next-token distribution (teacher forcing) to the gated
     # model's, added to the task loss in every gate step. 0: off (no teacher forward pass).
     distill: float = 0.0
-    # Seeds the gate stage alone (predictor init, Gumbel noise, data order); None: the run's seed. Lets one base and
-    # corpus measure how much the learned masks and their quality vary with gate training's randomness.
+    # Seeds the gate stage alone (predictor init, Gumbel noise, data order, SpecAugment); None: the run's seed.
+    # Lets one base and corpus measure how much the learned masks and their quality vary with gate training's randomness.
     seed: Optional[int] = None
     train_static: bool = True  # the `static` baseline is trained with the same loop
     static_lr: float = 2e-2  # its single logit table needs a larger step to reach the target in the same steps
