@@ -9,8 +9,20 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
+# torch's CUDA build (the one PyPI's torchaudio 2.11 imports with) fills about 5.7 GiB: with less room, pip fails
+# half-way with ENOSPC, so say so before it starts. Skipped once torch is in the venv (an upgrade needs far less).
+NEED_GIB := 7
+define DISK_CHECK
+import glob, shutil, sys
+free = shutil.disk_usage(".").free / 2**30
+if free < $(NEED_GIB) and not glob.glob("$(VENV)/lib/python*/site-packages/torch/__init__.py"):
+    sys.exit(f"error: {free:.1f} GiB free on this disk; creating $(VENV) needs about $(NEED_GIB) GiB (torch is a CUDA build)")
+endef
+export DISK_CHECK
+
 # Reinstalled when pyproject.toml changes (the stamp is older), idempotent otherwise.
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c "$$DISK_CHECK"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
