@@ -60,6 +60,15 @@ def ctc_loss(ctc_logits: torch.Tensor, mem_lens: torch.Tensor, batch: Batch) -> 
     return F.ctc_loss(lp, batch.ctc_targets[has], mem_lens[has], batch.ctc_lens[has], blank=0, zero_infinity=True)
 
 
+def joint_loss(att: torch.Tensor, ctc_logits: torch.Tensor, mem_lens: torch.Tensor, batch: Batch,
+               ctc_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The base's loss, (1 - w) * attention + w * CTC, and its parts: base training and the gate stage both use it."""
+    if ctc_weight == 0:
+        return att, {"att": att}
+    ctc = ctc_loss(ctc_logits, mem_lens, batch)
+    return (1 - ctc_weight) * att + ctc_weight * ctc, {"att": att, "ctc": ctc}
+
+
 class BaseObjective(nn.Module):
     """Joint CTC-attention loss of the dense model; with module drop, of a random sub-network per training batch."""
 
@@ -78,9 +87,8 @@ class BaseObjective(nn.Module):
     def forward(self, batch: Batch, step: int | None) -> tuple[torch.Tensor, dict[str, float]]:
         logits, ctc_logits, mem_lens = self.model(batch.feats, batch.feat_lens, batch.dec_in, keep=self.keep(step))
         att, acc = seq_loss(logits, batch, self.smoothing)
-        ctc = ctc_loss(ctc_logits, mem_lens, batch)
-        loss = (1 - self.ctc_weight) * att + self.ctc_weight * ctc
-        return loss, {k: float(v.detach()) for k, v in (("loss", loss), ("att", att), ("ctc", ctc), ("acc", acc))}
+        loss, parts = joint_loss(att, ctc_logits, mem_lens, batch, self.ctc_weight)
+        return loss, {k: float(v.detach()) for k, v in {"loss": loss, **parts, "acc": acc}.items()}
 
 
 class GateObjective(nn.Module):
@@ -119,9 +127,7 @@ class GateObjective(nn.Module):
         att, acc = seq_loss(logits, batch, self.s.recipe.base.label_smoothing)
         # The base's own joint loss: ASR decoding rescores with the CTC head, which must keep up with a pruned
         # (and, when fine-tuned, changing) encoder.
-        w = self.s.recipe.base.ctc_weight
-        task = (1 - w) * att + w * ctc_loss(ctc_logits, mem_lens, batch) if w > 0 else att
-        parts = {"att": att}
+        task, parts = joint_loss(att, ctc_logits, mem_lens, batch, self.s.recipe.base.ctc_weight)
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_logits, _, _ = self.teacher(batch.feats, batch.feat_lens, batch.dec_in)
