@@ -139,6 +139,7 @@ class GatesConfig:
     # batch: the loss is on the batch-mean sparsity, so contexts trade it (the paper's ASR decoders prune more);
     # context: every context meets the target itself, and only chooses which modules to skip: its exported masks
     # (and those the base adapts to when phased) skip exactly the target share by the context's own ranking.
+    # The static baseline (one mask for all contexts) takes the batch-mean loss either way.
     sparsity_per: Literal["batch", "context"] = "batch"
     alpha: float = 5.0
     target_warmup_steps: int = 200

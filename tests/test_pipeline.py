@@ -281,6 +281,8 @@ def test_subset_eval_goes_beside_the_full_summary(smoke_run: Path, smoke_corpus:
 
 def test_per_context_sparsity_cuts_every_context_at_the_target(tmp_path: Path, smoke_run: Path,
                                                                 smoke_corpus: list[str]) -> None:
+    import torch
+
     run_dir = tmp_path / "per_context"
     shutil.copytree(smoke_run, run_dir)
     for stale in ("checkpoints/gates", "checkpoints/gates.pt", "checkpoints/static", "checkpoints/static.pt",
@@ -288,10 +290,14 @@ def test_per_context_sparsity_cuts_every_context_at_the_target(tmp_path: Path, s
         p = run_dir / stale
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(run_dir), "--stages", "gates,prune", "--quiet",
-            "--set", "gates.sparsity_per=context", "--set", "gates.train_static=false", "--set", "prune.baselines=[]")
+            "--set", "gates.sparsity_per=context", "--set", "prune.baselines=[]")
     assert r.returncode == 0, r.stderr
     masks = read_json(run_dir / "masks.json")
-    assert masks["meta"]["context_exact_cut"] is True and set(masks["variants"]) == {"context"}
+    assert masks["meta"]["context_exact_cut"] is True and set(masks["variants"]) == {"context", "static"}
+    # The static baseline (one mask for all contexts) keeps the batch-mean loss: it is the one trained under `batch`.
+    static, batch_static = (torch.load(d / "checkpoints" / "static.pt")["state_dict"] for d in (run_dir, smoke_run))
+    assert static.keys() == batch_static.keys() and all(torch.equal(static[k], batch_static[k]) for k in static)
+    assert masks["variants"]["static"] == read_json(smoke_run / "masks.json")["variants"]["static"]
     for ctx, st in masks["stats"]["context"].items():  # each context skips exactly its share: 2 of 8, 3 of 6
         assert (st["sparsity_encoder"], st["sparsity_decoder"]) == (0.25, 0.5), ctx
     events = [json.loads(x) for x in (run_dir / "logs" / "gates.jsonl").read_text().splitlines()]

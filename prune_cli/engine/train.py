@@ -135,7 +135,9 @@ class GateObjective(nn.Module):
             task = task + g.distill * parts["distill"]
         warm = 1.0 if step is None else min(1.0, (step + 1) / max(1, g.target_warmup_steps))
         groups = None
-        if g.sparsity_per == "context":
+        # The static baseline has one mask for every context, so it always takes the batch-mean loss: its numbers do
+        # not move with sparsity_per, and the context-aware variants are compared with one fixed baseline.
+        if g.sparsity_per == "context" and self.predictor.inputs:
             ids: dict[tuple[str, str, str], int] = {}
             keys = zip(batch.task, batch.source_lang, batch.target_lang)
             groups = torch.tensor([ids.setdefault(k, len(ids)) for k in keys], device=keep.device)
