@@ -3,52 +3,21 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import replace
 from typing import Any, Sequence
 
-import jiwer
 import torch
-from sacrebleu.metrics import BLEU, CHRF
 
 from prune_cli.data.batching import Split
 from prune_cli.data.features import apply_cmvn
 from prune_cli.engine.masking import group_by_pattern, utterance_patterns
+from prune_cli.engine.metrics import NORMALIZATION, asr_scores, st_scores, utterance_score
 from prune_cli.engine.session import Session
 from prune_cli.gating.masks import MaskFile
 from prune_cli.model.decoding import DecodeOptions, decode
 from prune_cli.model.s2t import SpeechModel
 from prune_cli.progress import progress
 from prune_cli.runs import atomic_write_json, atomic_write_text
-
-NORMALIZATION = "lowercase; punctuation except apostrophes and hyphens removed; whitespace collapsed"
-_PUNCT = re.compile(r"[^\w\s'\-]", re.UNICODE)
-
-
-def normalize(text: str) -> str:
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
-
-
-def asr_scores(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
-    """Corpus WER/CER in percent on normalized text."""
-    r = [normalize(t) for t in refs]
-    h = [normalize(t) for t in hyps]
-    return {"wer": 100.0 * jiwer.wer(r, h), "cer": 100.0 * jiwer.cer(r, h)}
-
-
-def st_scores(refs: Sequence[str], hyps: Sequence[str]) -> tuple[dict[str, float], dict[str, str]]:
-    """Corpus BLEU and chrF (sacrebleu defaults) on the raw detokenized text, with signatures."""
-    bleu, chrf = BLEU(), CHRF()
-    b = bleu.corpus_score(list(hyps), [list(refs)])
-    c = chrf.corpus_score(list(hyps), [list(refs)])
-    return {"bleu": b.score, "chrf": c.score}, {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature())}
-
-
-def utterance_score(task: str, ref: str, hyp: str) -> dict[str, float]:
-    if task == "asr":
-        return asr_scores([ref], [hyp])
-    bleu, chrf = BLEU(effective_order=True), CHRF()
-    return {"bleu": bleu.sentence_score(hyp, [ref]).score, "chrf": chrf.sentence_score(hyp, [ref]).score}
 
 
 def decode_split(
@@ -118,7 +87,7 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
                     scores = asr_scores(refs, hs)
                 else:
                     scores, sigs = st_scores(refs, hs)
-                    summary["signatures"] = sigs
+                    summary["signatures"].update(sigs)
                 res[ctx] = {"n": len(members), **{k: round(v, 3) for k, v in scores.items()}}
                 name = ctx.replace(":", "_")
                 atomic_write_text(out_dir / variant / f"{name}.hyp", "".join(h + "\n" for h in hs))
