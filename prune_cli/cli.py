@@ -168,7 +168,7 @@ def eval_(
     with guarded(debug, json_out, quiet):
         from prune_cli.engine.evaluate import quality_gate
         from prune_cli.engine.pipeline import stage_eval
-        from prune_cli.report import eval_table, print_table
+        from prune_cli.report import comparison_table, eval_table, print_table
 
         s, _ = open_session(recipe, _sets(set_, overrides), run_dir, device)
         vs = _csv(variants)
@@ -176,7 +176,13 @@ def eval_(
         summary = stage_eval(s, vs, _csv(contexts))
         if summary["complete"]:
             s.run.mark_complete("eval")
-        emit(summary, json_out, lambda: print_table(eval_table(summary), False))
+
+        def render() -> None:
+            print_table(eval_table(summary), False)
+            if summary.get("comparisons"):
+                print_table(comparison_table(summary), False)
+
+        emit(summary, json_out, render)
         fails = quality_gate(summary, max_wer if max_wer is not None else s.recipe.eval.max_wer,
                              min_bleu if min_bleu is not None else s.recipe.eval.min_bleu)
         for line in fails:

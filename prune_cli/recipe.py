@@ -194,6 +194,8 @@ class EvalConfig:
     batch_size: int = 64
     max_wer: Optional[float] = None
     min_bleu: Optional[float] = None
+    # Resamples of the paired bootstrap that compares variants' averages (context vs static, each vs dense); 0: off.
+    bootstrap: int = 1000
 
 
 @dataclass
@@ -448,6 +450,8 @@ def _semantic_checks(r: Recipe) -> list[str]:
         errs.append("eval.ctc_weight: joint CTC/attention decoding is a beam search; set eval.beam_size >= 2 (or ctc_weight 0)")
     if r.eval.beam_size < 1:
         errs.append(f"eval.beam_size: must be >= 1, got {r.eval.beam_size}")
+    if r.eval.bootstrap != 0 and r.eval.bootstrap < 100:
+        errs.append(f"eval.bootstrap: must be 0 (off) or >= 100 resamples, got {r.eval.bootstrap}")
     if r.tokenizer.vocab_size < 16:
         errs.append("tokenizer.vocab_size: must be >= 16")
     return errs

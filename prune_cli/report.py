@@ -46,6 +46,30 @@ def eval_table(summary: dict[str, Any]) -> Table:
     return t
 
 
+def comparison_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """One row per (pair, metric) of the paired bootstrap: a, b, a - b with its 95% interval, p."""
+    rows = []
+    for pair in summary.get("comparisons", {}).get("pairs", []):
+        for metric, m in pair["metrics"].items():
+            lo, hi = m["ci95"]
+            rows.append([f"{pair['a']} vs {pair['b']}", metric.upper(), f"{m['a']:.2f}", f"{m['b']:.2f}",
+                         f"{m['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{m['p']:.3f}"])
+    return rows
+
+
+COMPARISON_HEADER = ["variants (a vs b)", "metric (avg)", "a", "b", "a - b [95% interval]", "p"]
+
+
+def comparison_table(summary: dict[str, Any]) -> Table:
+    n = summary.get("comparisons", {}).get("samples", 0)
+    t = Table(title=f"paired bootstrap over test utterances ({n} resamples): differences of the averages")
+    for col in COMPARISON_HEADER:
+        t.add_column(col, justify="left" if col.startswith("variants") else "right")
+    for row in comparison_rows(summary):
+        t.add_row(*row)
+    return t
+
+
 def profile_table(summary: dict[str, Any]) -> Table:
     t = Table(title=f"cost on {summary['device']} ({summary['flops_unit']})")
     for col in ("variant", "sparsity", "GFLOPs", "enc GFLOPs", "dec GFLOPs", "latency ms (median)", "p90",
@@ -139,6 +163,10 @@ def write_report(run_dir: Path, recipe_path: str, overrides: list[str]) -> Path:
         h, rows = quality_rows(ev)
         lines += ["## Quality (test split)", "", f"Normalization: {ev['normalization']}.", "",
                   markdown_table(h, rows), "", f"BLEU signature: `{ev['signatures'].get('bleu', '-')}`", ""]
+        if ev.get("comparisons"):
+            lines += [f"Differences of the averages, {ev['comparisons']['method']} ({ev['comparisons']['samples']} "
+                      "resamples). WER/CER: lower is better; BLEU/chrF: higher.", "",
+                      markdown_table(COMPARISON_HEADER, comparison_rows(ev)), ""]
     if masks:
         lines += ["## Masks", "", "![mask heatmap](plots/masks_context.png)", ""]
         st = masks["stats"]

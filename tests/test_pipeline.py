@@ -156,6 +156,43 @@ def test_eval_metrics_equal_jiwer_and_sacrebleu_on_the_written_files(smoke_run: 
     assert len(rows) == sum(sc["n"] for t in ev["variants"].values() for sc in t.values())
 
 
+def _written(run: Path, variant: str) -> tuple[dict[str, str], dict[str, list[str]], dict[str, list[str]]]:
+    """tasks, refs and hyps per context, read back from the files eval wrote."""
+    tasks, refs, hyps = {}, {}, {}
+    for hyp_file in sorted((run / "eval" / variant).glob("*.hyp")):
+        ctx = hyp_file.stem.replace("_", ":", 1)
+        tasks[ctx] = ctx.split(":")[0]
+        refs[ctx] = hyp_file.with_suffix(".ref").read_text().splitlines()
+        hyps[ctx] = hyp_file.read_text().splitlines()
+    return tasks, refs, hyps
+
+
+def test_paired_bootstrap_compares_the_averages_eval_reports(smoke_run: Path) -> None:
+    from prune_cli.engine.compare import paired_bootstrap
+
+    ev = read_json(smoke_run / "eval" / "summary.json")
+    cmp = ev["comparisons"]
+    assert [(p["a"], p["b"]) for p in cmp["pairs"]] == [("context", "dense"), ("static", "dense"), ("context", "static")]
+    for pair in cmp["pairs"]:
+        assert set(pair["metrics"]) == {"wer", "cer", "bleu", "chrf"}
+        for metric, m in pair["metrics"].items():
+            # The per-utterance statistics reproduce the corpus scores eval reports, averaged over contexts.
+            assert m["a"] == pytest.approx(ev["averages"][pair["a"]][metric], abs=2e-3)
+            assert m["b"] == pytest.approx(ev["averages"][pair["b"]][metric], abs=2e-3)
+            assert m["ci95"][0] <= m["ci95"][1] and 0 < m["p"] <= 1
+    tasks, refs, dense = _written(smoke_run, "dense")
+    oracle = {ctx: list(r) for ctx, r in refs.items()}  # a perfect system: WER 0, BLEU 100
+    hyps = {"dense": dense, "oracle": oracle}
+    out = paired_bootstrap(tasks, refs, hyps, [("dense", "dense"), ("dense", "oracle")], 500, seed=7)
+    same, vs_oracle = (p["metrics"] for p in out["pairs"])
+    for m in same.values():  # a variant against itself: no difference in any resample
+        assert m["diff"] == 0 and m["ci95"] == [0, 0] and m["p"] == 1
+    assert vs_oracle["wer"]["b"] == 0 and vs_oracle["bleu"]["b"] == pytest.approx(100)
+    # The smoke model is far from perfect: the whole interval lies on the worse side.
+    assert vs_oracle["wer"]["ci95"][0] > 0 and vs_oracle["bleu"]["ci95"][1] < 0 and vs_oracle["wer"]["p"] < 0.01
+    assert paired_bootstrap(tasks, refs, hyps, [("dense", "oracle")], 500, seed=7)["pairs"] == out["pairs"][1:]
+
+
 def test_quality_gate_exit_code_and_json_purity(smoke_run: Path, smoke_corpus: list[str]) -> None:
     r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--variants", "dense",
             "--contexts", "asr:en,st:de-en", "--max-wer", "-1", "--json")
@@ -163,9 +200,10 @@ def test_quality_gate_exit_code_and_json_purity(smoke_run: Path, smoke_corpus: l
     doc = json.loads(r.stdout)  # stdout holds exactly one JSON document
     assert set(doc["variants"]["dense"]) == {"asr:en", "st:de-en"}
     assert "quality gate: dense asr:en: WER" in r.stderr
-    r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--variants", "dense",
+    r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--variants", "dense,static",
             "--contexts", "asr:en", "--max-wer", "1000", "--quiet")
     assert r.returncode == 0
+    assert "paired bootstrap" in r.stdout and "static vs dense" in r.stdout
 
 
 def test_latency_harness_statistics() -> None:

@@ -10,6 +10,7 @@ import torch
 
 from prune_cli.data.batching import Split
 from prune_cli.data.features import apply_cmvn
+from prune_cli.engine.compare import comparison_pairs, paired_bootstrap
 from prune_cli.engine.masking import group_by_pattern, utterance_patterns
 from prune_cli.engine.metrics import NORMALIZATION, asr_scores, st_scores, utterance_score
 from prune_cli.engine.session import Session
@@ -69,6 +70,9 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     summary: dict[str, Any] = {"variants": {}, "signatures": {}, "normalization": NORMALIZATION,
                                "split": cfg.split, "decoding": vars(opts), "complete": full}
     rows: list[dict[str, Any]] = []
+    tasks: dict[str, str] = {}
+    refs_by_ctx: dict[str, list[str]] = {}
+    hyps_by_variant: dict[str, dict[str, list[str]]] = {}
     with progress("eval", total=len(idx) * len(variants)) as bar:
         for variant in variants:
             net = s.variant_model(variant)
@@ -83,6 +87,8 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
                 refs = [split.utts[i].text for i in members]
                 hs = [hyps[i] for i in members]
                 task = split.utts[members[0]].task
+                tasks[ctx], refs_by_ctx[ctx] = task, refs
+                hyps_by_variant.setdefault(variant, {})[ctx] = hs
                 if task == "asr":
                     scores = asr_scores(refs, hs)
                 else:
@@ -97,6 +103,9 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
                                  **{k: round(v, 3) for k, v in utterance_score(task, r, h).items()}})
             summary["variants"][variant] = res
     summary["averages"] = averages(summary["variants"])
+    pairs = comparison_pairs(list(variants))
+    if cfg.bootstrap > 0 and pairs:
+        summary["comparisons"] = paired_bootstrap(tasks, refs_by_ctx, hyps_by_variant, pairs, cfg.bootstrap, s.recipe.seed)
     atomic_write_text(out_dir / "utterances.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     atomic_write_json(out_dir / "summary.json", summary)
     if full:

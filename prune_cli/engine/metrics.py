@@ -1,4 +1,4 @@
-"""Text metrics: WER/CER (jiwer) for ASR, BLEU/chrF (sacrebleu) for ST."""
+"""Text metrics: WER/CER (jiwer) for ASR, BLEU/chrF (sacrebleu) for ST, per corpus and as per-utterance statistics."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import re
 from typing import Sequence
 
 import jiwer
+import numpy as np
 from sacrebleu.metrics import BLEU, CHRF
 
 NORMALIZATION = "lowercase; punctuation except apostrophes and hyphens removed; whitespace collapsed"
 _PUNCT = re.compile(r"[^\w\s'\-]", re.UNICODE)
+LOWER_IS_BETTER = {"wer", "cer"}
 
 
 def normalize(text: str) -> str:
@@ -46,3 +48,27 @@ def utterance_score(task: str, ref: str, hyp: str) -> dict[str, float]:
         return asr_scores([ref], [hyp])
     bleu, chrf = BLEU(effective_order=True), CHRF()
     return {"bleu": bleu.sentence_score(hyp, [ref]).score, "chrf": chrf.sentence_score(hyp, [ref]).score}
+
+
+def utterance_stats(task: str, refs: Sequence[str], hyps: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-utterance sufficient statistics (n_utts, k) of each metric `eval` reports for this task: summed over
+    utterances, they give the corpus score (BLEU/chrF through sacrebleu's own statistics, as its significance tests)."""
+    if task == "asr":
+        words, chars = [], []
+        for r, h in zip(refs, hyps):
+            r, h = normalize(r), normalize(h)
+            w, c = jiwer.process_words(r, h), jiwer.process_characters(r, h)
+            words.append([w.substitutions + w.deletions + w.insertions, w.hits + w.substitutions + w.deletions])
+            chars.append([c.substitutions + c.deletions + c.insertions, c.hits + c.substitutions + c.deletions])
+        return {"wer": np.array(words, dtype=np.int64), "cer": np.array(chars, dtype=np.int64)}
+    metrics = (("bleu", BLEU()), ("chrf", CHRF())) if bleu_measurable(refs) else (("chrf", CHRF()),)
+    return {name: np.array(metric._extract_corpus_statistics(list(hyps), [list(refs)]), dtype=np.int64)
+            for name, metric in metrics}
+
+
+def score_rows(metric: str, summed: np.ndarray) -> np.ndarray:
+    """Corpus score of each row of summed statistics (rows: resamples)."""
+    if metric in LOWER_IS_BETTER:
+        return 100.0 * summed[:, 0] / np.maximum(summed[:, 1], 1)
+    scorer = BLEU() if metric == "bleu" else CHRF()
+    return np.array([scorer._compute_score_from_stats(row).score for row in summed])
