@@ -16,9 +16,9 @@ def _fmt(x: Any) -> str:
     return f"{x:.2f}" if isinstance(x, float) else str(x)
 
 
-def _bleu(scores: dict[str, Any]) -> str:
-    """A context's BLEU; n/a where its references are too short for BLEU to score (eval leaves it out)."""
-    return f"{scores['bleu']:.2f}" if "bleu" in scores else "n/a"
+def _bleu(summary: dict[str, Any], ctx: str, scores: dict[str, Any]) -> str:
+    """A context's BLEU; n/a where its references are too short for BLEU to score (out of the average)."""
+    return "n/a" if ctx in summary.get("bleu_unscorable", []) else f"{scores['bleu']:.2f}"
 
 
 def eval_table(summary: dict[str, Any]) -> Table:
@@ -38,7 +38,7 @@ def eval_table(summary: dict[str, Any]) -> Table:
                 cells.append("-")
                 continue
             n = str(sc["n"])
-            cells.append(f"WER {sc['wer']:.2f} CER {sc['cer']:.2f}" if "wer" in sc else f"BLEU {_bleu(sc)} chrF {sc['chrf']:.2f}")
+            cells.append(f"WER {sc['wer']:.2f} CER {sc['cer']:.2f}" if "wer" in sc else f"BLEU {_bleu(summary, c, sc)} chrF {sc['chrf']:.2f}")
         t.add_row(c, n, *cells)
     avg = summary.get("averages", {})
     if avg:
@@ -139,7 +139,7 @@ def quality_rows(ev: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         row: list[Any] = [c]
         for v in variants:
             sc = ev["variants"][v].get(c, {})
-            row.append(f"{sc['wer']:.2f}" if "wer" in sc else (_bleu(sc) if sc else "-"))
+            row.append(f"{sc['wer']:.2f}" if "wer" in sc else (_bleu(ev, c, sc) if "bleu" in sc else "-"))
         rows.append(row)
     avg = ev.get("averages", {})
     rows.append(["**avg WER (asr)**"] + [f"{avg.get(v, {}).get('wer', float('nan')):.2f}" for v in variants])

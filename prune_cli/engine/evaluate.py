@@ -12,7 +12,7 @@ from prune_cli.data.batching import Split
 from prune_cli.data.features import apply_cmvn
 from prune_cli.engine.compare import comparison_pairs, paired_bootstrap
 from prune_cli.engine.masking import group_by_pattern, utterance_patterns
-from prune_cli.engine.metrics import NORMALIZATION, asr_scores, st_scores, utterance_score
+from prune_cli.engine.metrics import NORMALIZATION, asr_scores, bleu_measurable, st_scores, utterance_score
 from prune_cli.engine.session import Session
 from prune_cli.gating.masks import MaskFile
 from prune_cli.model.decoding import DecodeOptions, decode
@@ -70,6 +70,7 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     summary: dict[str, Any] = {"variants": {}, "signatures": {}, "normalization": NORMALIZATION,
                                "split": cfg.split, "decoding": vars(opts), "complete": full}
     rows: list[dict[str, Any]] = []
+    unscorable: set[str] = set()  # ST contexts whose references BLEU cannot score (kept at 0, out of the average)
     tasks: dict[str, str] = {}
     refs_by_ctx: dict[str, list[str]] = {}
     hyps_by_variant: dict[str, dict[str, list[str]]] = {}
@@ -92,8 +93,9 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
                 if task == "asr":
                     scores = asr_scores(refs, hs)
                 else:
-                    scores, sigs = st_scores(refs, hs)
-                    summary["signatures"].update(sigs)
+                    scores, summary["signatures"] = st_scores(refs, hs)
+                    if not bleu_measurable(refs):
+                        unscorable.add(ctx)
                 res[ctx] = {"n": len(members), **{k: round(v, 3) for k, v in scores.items()}}
                 name = ctx.replace(":", "_")
                 atomic_write_text(out_dir / variant / f"{name}.hyp", "".join(h + "\n" for h in hs))
@@ -102,7 +104,8 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
                     rows.append({"variant": variant, "utt_id": split.utts[i].utt_id, "context": ctx, "ref": r, "hyp": h,
                                  **{k: round(v, 3) for k, v in utterance_score(task, r, h).items()}})
             summary["variants"][variant] = res
-    summary["averages"] = averages(summary["variants"])
+    summary["bleu_unscorable"] = sorted(unscorable)
+    summary["averages"] = averages(summary["variants"], unscorable)
     pairs = comparison_pairs(list(variants))
     if cfg.bootstrap > 0 and pairs:
         summary["comparisons"] = paired_bootstrap(tasks, refs_by_ctx, hyps_by_variant, pairs, cfg.bootstrap, s.recipe.seed)
@@ -113,14 +116,14 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     return summary
 
 
-def averages(variants: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Unweighted mean over contexts of each metric, per variant."""
+def averages(variants: dict[str, dict[str, dict[str, float]]], bleu_unscorable: set[str]) -> dict[str, dict[str, float]]:
+    """Unweighted mean over contexts of each metric, per variant; BLEU only where it can score the references."""
     out: dict[str, dict[str, float]] = {}
     for v, table in variants.items():
         acc: dict[str, list[float]] = {}
-        for scores in table.values():
+        for ctx, scores in table.items():
             for k, val in scores.items():
-                if k != "n":
+                if k != "n" and not (k == "bleu" and ctx in bleu_unscorable):
                     acc.setdefault(k, []).append(val)
         out[v] = {k: round(sum(vals) / len(vals), 3) for k, vals in acc.items()}
     return out
@@ -129,10 +132,11 @@ def averages(variants: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict
 def quality_gate(summary: dict[str, Any], max_wer: float | None, min_bleu: float | None) -> list[str]:
     """One line per context that misses a threshold."""
     fails = []
+    unscorable = set(summary.get("bleu_unscorable", []))
     for v, table in summary["variants"].items():
         for ctx, sc in table.items():
             if max_wer is not None and "wer" in sc and sc["wer"] > max_wer:
                 fails.append(f"{v} {ctx}: WER {sc['wer']:.2f} > --max-wer {max_wer}")
-            if min_bleu is not None and "bleu" in sc and sc["bleu"] < min_bleu:
+            if min_bleu is not None and "bleu" in sc and ctx not in unscorable and sc["bleu"] < min_bleu:
                 fails.append(f"{v} {ctx}: BLEU {sc['bleu']:.2f} < --min-bleu {min_bleu}")
     return fails

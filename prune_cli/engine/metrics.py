@@ -32,15 +32,11 @@ def bleu_measurable(refs: Sequence[str]) -> bool:
 
 
 def st_scores(refs: Sequence[str], hyps: Sequence[str]) -> tuple[dict[str, float], dict[str, str]]:
-    """Corpus BLEU (left out where it cannot score the references) and chrF, sacrebleu defaults, on the raw
-    detokenized text, with signatures."""
+    """Corpus BLEU and chrF (sacrebleu defaults) on the raw detokenized text, with signatures."""
     bleu, chrf = BLEU(), CHRF()
-    scores = {"chrf": chrf.corpus_score(list(hyps), [list(refs)]).score}
-    signatures = {"chrf": str(chrf.get_signature())}
-    if bleu_measurable(refs):
-        scores = {"bleu": bleu.corpus_score(list(hyps), [list(refs)]).score, **scores}
-        signatures["bleu"] = str(bleu.get_signature())
-    return scores, signatures
+    b = bleu.corpus_score(list(hyps), [list(refs)])
+    c = chrf.corpus_score(list(hyps), [list(refs)])
+    return {"bleu": b.score, "chrf": c.score}, {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature())}
 
 
 def utterance_score(task: str, ref: str, hyp: str) -> dict[str, float]:
