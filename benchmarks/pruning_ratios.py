@@ -34,6 +34,10 @@ def main(run_dir: Path) -> None:
         cost = ", ".join(f"{m.upper()} {avg[m] - dense[m]:+.2f}" for m in ("wer", "bleu") if m in avg and m in dense)
         print(f"{v}: FLOPs -{100 * flops_cut:.1f}%, latency -{100 * lat_cut:.1f}% (latency cut / FLOPs cut = {track:.2f})"
               + (f"; quality vs dense: {cost}" if cost else ""))
+    for pair in ev.get("comparisons", {}).get("pairs", []):  # eval's paired bootstrap: test-set sampling noise
+        print(f"{pair['a']} - {pair['b']}, 95% interval, p: " + "; ".join(
+            f"{m.upper()} {x['diff']:+.2f} [{x['ci95'][0]:+.2f}, {x['ci95'][1]:+.2f}] p {x['p']:.3f}"
+            for m, x in pair["metrics"].items()))
     masks_path = run_dir / "masks.json"
     if masks_path.is_file():
         print_mask_structure(json.loads(masks_path.read_text()))

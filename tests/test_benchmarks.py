@@ -1,4 +1,4 @@
-"""The README's results script: mask-structure summary (pure Python, no model)."""
+"""The README's results script: mask-structure summary (pure Python), and its output on the smoke run."""
 
 from __future__ import annotations
 
@@ -29,3 +29,16 @@ def test_mask_structure_counts_distinct_masks_and_skips_by_task_and_kind(capsys:
     # asr: cross-attention skipped 2 + 1 times over 2 contexts, self-attention 0 + 1; st: one self-attention
     assert out[1] == "  asr contexts, modules skipped per context by kind: decoder.self_attn 0.50, decoder.src_attn 1.50, encoder.attn 1.00"
     assert out[2] == "  st contexts, modules skipped per context by kind: decoder.self_attn 1.00, encoder.attn 1.00"
+
+
+def test_results_script_prints_quality_cost_and_the_bootstrap_intervals(smoke_run: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    _script().main(smoke_run)
+    out = capsys.readouterr().out
+    ev = json.loads((smoke_run / "eval" / "summary.json").read_text())
+    wer = next(p for p in ev["comparisons"]["pairs"] if (p["a"], p["b"]) == ("context", "static"))["metrics"]["wer"]
+    line = next(x for x in out.splitlines() if x.startswith("context - static, 95% interval, p: "))
+    assert f"WER {wer['diff']:+.2f} [{wer['ci95'][0]:+.2f}, {wer['ci95'][1]:+.2f}] p {wer['p']:.3f}" in line
+    assert "| context |" in out and "FLOPs -" in out
