@@ -15,7 +15,24 @@ from pathlib import Path
 
 def main(run_dir: Path) -> None:
     ev = json.loads((run_dir / "eval" / "summary.json").read_text())
-    pr = json.loads((run_dir / "profile" / "summary.json").read_text())
+    profile = run_dir / "profile" / "summary.json"
+    if profile.is_file():
+        print_cost(ev, json.loads(profile.read_text()))
+    else:  # e.g. `run --stages gates,prune,eval`: quality only
+        print("no profile/summary.json: quality only\n| variant | avg WER (asr) | avg BLEU (st) | avg chrF (st) |\n|---|---|---|---|")
+        for v, avg in ev["averages"].items():
+            print(f"| {v} | {avg.get('wer', float('nan')):.2f} | {avg.get('bleu', float('nan')):.2f} | {avg.get('chrf', float('nan')):.2f} |")
+    for pair in ev.get("comparisons", {}).get("pairs", []):  # eval's paired bootstrap: test-set sampling noise
+        print(f"{pair['a']} - {pair['b']}, 95% interval, p: " + "; ".join(
+            f"{m.upper()} {x['diff']:+.2f} [{x['ci95'][0]:+.2f}, {x['ci95'][1]:+.2f}] p {x['p']:.3f}"
+            for m, x in pair["metrics"].items()))
+    masks_path = run_dir / "masks.json"
+    if masks_path.is_file():
+        print_mask_structure(json.loads(masks_path.read_text()))
+
+
+def print_cost(ev: dict, pr: dict) -> None:
+    """Quality beside FLOPs and latency ratios, and how far latency follows FLOPs."""
     print(f"device: {pr['device']}")
     print("| variant | avg WER (asr) | avg BLEU (st) | sparsity | GFLOPs | FLOPs ratio | e2e latency ms | latency ratio | latency ratio per batch size |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -34,13 +51,6 @@ def main(run_dir: Path) -> None:
         cost = ", ".join(f"{m.upper()} {avg[m] - dense[m]:+.2f}" for m in ("wer", "bleu") if m in avg and m in dense)
         print(f"{v}: FLOPs -{100 * flops_cut:.1f}%, latency -{100 * lat_cut:.1f}% (latency cut / FLOPs cut = {track:.2f})"
               + (f"; quality vs dense: {cost}" if cost else ""))
-    for pair in ev.get("comparisons", {}).get("pairs", []):  # eval's paired bootstrap: test-set sampling noise
-        print(f"{pair['a']} - {pair['b']}, 95% interval, p: " + "; ".join(
-            f"{m.upper()} {x['diff']:+.2f} [{x['ci95'][0]:+.2f}, {x['ci95'][1]:+.2f}] p {x['p']:.3f}"
-            for m, x in pair["metrics"].items()))
-    masks_path = run_dir / "masks.json"
-    if masks_path.is_file():
-        print_mask_structure(json.loads(masks_path.read_text()))
 
 
 def print_mask_structure(masks: dict) -> None:

@@ -42,3 +42,14 @@ def test_results_script_prints_quality_cost_and_the_bootstrap_intervals(smoke_ru
     line = next(x for x in out.splitlines() if x.startswith("context - static, 95% interval, p: "))
     assert f"WER {wer['diff']:+.2f} [{wer['ci95'][0]:+.2f}, {wer['ci95'][1]:+.2f}] p {wer['p']:.3f}" in line
     assert "| context |" in out and "FLOPs -" in out
+
+
+def test_results_script_without_a_profile_prints_quality_only(tmp_path: Path, smoke_run: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    shutil.copytree(smoke_run / "eval", tmp_path / "eval")  # a run stopped after eval: no profile, no masks
+    _script().main(tmp_path)
+    out = capsys.readouterr().out
+    assert out.startswith("no profile/summary.json: quality only") and "| static |" in out
+    assert "FLOPs" not in out and "context - static, 95% interval" in out
