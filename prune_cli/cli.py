@@ -160,7 +160,7 @@ def eval_(
     variants: Annotated[Optional[str], typer.Option(help="Comma list: dense,context,static,random,layerdrop.")] = None,
     contexts: Annotated[Optional[str], typer.Option(help="Comma list of context keys, e.g. asr:de,st:de-en.")] = None,
     max_wer: Annotated[Optional[float], typer.Option(help="Exit 3 if any ASR context's WER is above this.")] = None,
-    min_bleu: Annotated[Optional[float], typer.Option(help="Exit 3 if any ST context's BLEU is below this.")] = None,
+    min_bleu: Annotated[Optional[float], typer.Option(help="Exit 3 if any ST context's BLEU is below this (contexts in bleu_unscorable are exempt).")] = None,
     overrides: OverridesArg = None, set_: SetOpt = None, run_dir: RunDirOpt = None, device: DeviceOpt = "auto", json_out: JsonOpt = False,
     quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
