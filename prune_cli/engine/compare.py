@@ -8,7 +8,7 @@ the average of several test sets). Sufficient statistics per utterance make a re
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import AbstractSet, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -27,9 +27,10 @@ def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
 
 def paired_bootstrap(
     tasks: Mapping[str, str], refs: Mapping[str, Sequence[str]], hyps: Mapping[str, Mapping[str, Sequence[str]]],
-    pairs: Sequence[tuple[str, str]], n_samples: int, seed: int,
+    pairs: Sequence[tuple[str, str]], n_samples: int, seed: int, bleu_unscorable: AbstractSet[str],
 ) -> dict[str, Any]:
-    """tasks/refs: per context; hyps: per variant, per context. Returns the difference a - b of each averaged metric."""
+    """tasks/refs: per context; hyps: per variant, per context. Returns the difference a - b of each averaged metric
+    (BLEU, as in eval's averages, only over contexts outside `bleu_unscorable`)."""
     rng = np.random.default_rng([seed, 0x5EED])
     variants = sorted({v for p in pairs for v in p})
     # (variant, metric) -> per-context arrays of (observed, resampled scores)
@@ -38,7 +39,7 @@ def paired_bootstrap(
         n = len(refs[ctx])
         draw = rng.integers(0, n, size=(n_samples, n))
         for v in variants:
-            for metric, st in utterance_stats(tasks[ctx], refs[ctx], hyps[v][ctx]).items():
+            for metric, st in utterance_stats(tasks[ctx], refs[ctx], hyps[v][ctx], ctx not in bleu_unscorable).items():
                 observed = float(score_rows(metric, st.sum(0, keepdims=True))[0])
                 per_ctx.setdefault((v, metric), []).append((observed, score_rows(metric, st[draw].sum(1))))
     out: list[dict[str, Any]] = []

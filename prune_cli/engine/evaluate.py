@@ -70,7 +70,6 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     summary: dict[str, Any] = {"variants": {}, "signatures": {}, "normalization": NORMALIZATION,
                                "split": cfg.split, "decoding": vars(opts), "complete": full}
     rows: list[dict[str, Any]] = []
-    unscorable: set[str] = set()  # ST contexts whose references BLEU cannot score (kept at 0, out of the average)
     tasks: dict[str, str] = {}
     refs_by_ctx: dict[str, list[str]] = {}
     hyps_by_variant: dict[str, dict[str, list[str]]] = {}
@@ -94,8 +93,6 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
                     scores = asr_scores(refs, hs)
                 else:
                     scores, summary["signatures"] = st_scores(refs, hs)
-                    if not bleu_measurable(refs):
-                        unscorable.add(ctx)
                 res[ctx] = {"n": len(members), **{k: round(v, 3) for k, v in scores.items()}}
                 name = ctx.replace(":", "_")
                 atomic_write_text(out_dir / variant / f"{name}.hyp", "".join(h + "\n" for h in hs))
@@ -104,11 +101,14 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
                     rows.append({"variant": variant, "utt_id": split.utts[i].utt_id, "context": ctx, "ref": r, "hyp": h,
                                  **{k: round(v, 3) for k, v in utterance_score(task, r, h).items()}})
             summary["variants"][variant] = res
+    # ST contexts whose references BLEU cannot score: their BLEU stays (0), out of the average and the bootstrap.
+    unscorable = {ctx for ctx, task in tasks.items() if task == "st" and not bleu_measurable(refs_by_ctx[ctx])}
     summary["bleu_unscorable"] = sorted(unscorable)
     summary["averages"] = averages(summary["variants"], unscorable)
     pairs = comparison_pairs(list(variants))
     if cfg.bootstrap > 0 and pairs:
-        summary["comparisons"] = paired_bootstrap(tasks, refs_by_ctx, hyps_by_variant, pairs, cfg.bootstrap, s.recipe.seed)
+        summary["comparisons"] = paired_bootstrap(tasks, refs_by_ctx, hyps_by_variant, pairs, cfg.bootstrap, s.recipe.seed,
+                                                  unscorable)
     atomic_write_text(out_dir / "utterances.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     atomic_write_json(out_dir / "summary.json", summary)
     if full:

@@ -46,9 +46,10 @@ def utterance_score(task: str, ref: str, hyp: str) -> dict[str, float]:
     return {"bleu": bleu.sentence_score(hyp, [ref]).score, "chrf": chrf.sentence_score(hyp, [ref]).score}
 
 
-def utterance_stats(task: str, refs: Sequence[str], hyps: Sequence[str]) -> dict[str, np.ndarray]:
+def utterance_stats(task: str, refs: Sequence[str], hyps: Sequence[str], with_bleu: bool = True) -> dict[str, np.ndarray]:
     """Per-utterance sufficient statistics (n_utts, k) of each metric `eval` reports for this task: summed over
-    utterances, they give the corpus score (BLEU/chrF through sacrebleu's own statistics, as its significance tests)."""
+    utterances, they give the corpus score (BLEU/chrF through sacrebleu's own statistics, as its significance tests).
+    with_bleu=False: chrF only (a context BLEU cannot score, see bleu_measurable)."""
     if task == "asr":
         words, chars = [], []
         for r, h in zip(refs, hyps):
@@ -57,7 +58,7 @@ def utterance_stats(task: str, refs: Sequence[str], hyps: Sequence[str]) -> dict
             words.append([w.substitutions + w.deletions + w.insertions, w.hits + w.substitutions + w.deletions])
             chars.append([c.substitutions + c.deletions + c.insertions, c.hits + c.substitutions + c.deletions])
         return {"wer": np.array(words, dtype=np.int64), "cer": np.array(chars, dtype=np.int64)}
-    metrics = (("bleu", BLEU()), ("chrf", CHRF())) if bleu_measurable(refs) else (("chrf", CHRF()),)
+    metrics = (("bleu", BLEU()), ("chrf", CHRF())) if with_bleu else (("chrf", CHRF()),)
     return {name: np.array(metric._extract_corpus_statistics(list(hyps), [list(refs)]), dtype=np.int64)
             for name, metric in metrics}
 
