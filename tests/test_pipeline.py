@@ -373,3 +373,71 @@ def test_gate_seed_and_distillation_change_only_the_gate_stage(tmp_path: Path, s
     new = torch.load(run_dir / "checkpoints" / "gates.pt", weights_only=False)["state_dict"]
     old = torch.load(smoke_run / "checkpoints" / "gates.pt", weights_only=False)["state_dict"]
     assert any(not torch.equal(new[k], old[k]) for k in old)  # another seed (and the KL term): another predictor
+
+
+def test_dev_selection_moves_a_context_to_the_mask_with_lower_dev_loss_at_equal_sparsity(
+        smoke_run: Path, smoke_corpus: list[str]) -> None:
+    import torch
+
+    from prune_cli.data.batching import collate
+    from prune_cli.engine.prune import select_on_dev
+    from prune_cli.engine.session import Session
+    from prune_cli.engine.train import joint_loss, seq_loss
+    from prune_cli.gating.sparsity import SparsitySpec
+
+    recipe, _ = load_recipe("ci_smoke", [x for x in smoke_corpus if x != "--set"])
+    session = Session(recipe, RunDir(smoke_run, recipe), torch.device("cpu"))
+    model, dev = session.base_model(), session.split("dev")
+    names = [m.name for m in model.modules_list]
+    spec = SparsitySpec.for_targets(model.modules_list, {"encoder": 0.25, "decoder": 0.5}, None)
+    own = read_json(smoke_run / "masks.json")["variants"]["context"]
+
+    def decoder_skips(kinds: tuple[str, ...]) -> list[int]:
+        return [int(not n.endswith(kinds)) if n.startswith("decoder") else k for n, k in zip(names, own["asr:en"])]
+
+    def reference_loss(ctx: str, keep: list[int]) -> float:
+        """The loss through the gated reference path, y = x + g*f(x), not the skipping path selection uses."""
+        idx = [i for i, u in enumerate(dev.utts) if u.context == ctx]
+        b = collate(dev, idx, session.tokenizer, session.cmvn, recipe.model.max_len)
+        with torch.no_grad():
+            logits, ctc, mem_lens = model(b.feats, b.feat_lens, b.dec_in, scale=torch.tensor([keep] * len(idx)).float())
+            return float(joint_loss(seq_loss(logits, b, 0.0)[0], ctc, mem_lens, b, recipe.base.ctc_weight)[0])
+
+    # Two masks at the same sparsity (3 of 6 decoder modules) that differ in which kind they skip. asr:en gets the one
+    # with the higher dev loss for asr:en, every other context but one the other; st:de-en keeps every decoder module.
+    a, b = decoder_skips(("src_attn", "decoder.1.ffn")), decoder_skips(("self_attn", "decoder.1.ffn"))
+    worse, better = sorted((a, b), key=lambda k: -reference_loss("asr:en", k))
+    denser = decoder_skips(("no such module",))
+    table = {c: (worse if c == "asr:en" else denser if c == "st:de-en" else better) for c in own}
+    chosen, report = select_on_dev(session, model, table, spec)
+    r = report["asr:en"]
+    assert chosen["asr:en"] == better and r["kept_own"] is False and r["chosen_loss"] < r["own_loss"]
+    assert r["own_loss"] == pytest.approx(reference_loss("asr:en", worse), abs=1e-3)
+    assert r["chosen_loss"] == pytest.approx(reference_loss("asr:en", better), abs=1e-3)
+    assert r["mask_of"] == sorted(c for c in own if c not in ("asr:en", "st:de-en"))
+    # The denser mask (lower loss, surely) is a candidate only for the context it belongs to: equal sparsity holds.
+    assert r["candidates"] == 2 and report["st:de-en"]["candidates"] == 3
+    for ctx, keep in chosen.items():
+        assert spec.sparsity(torch.tensor([keep]).float())["decoder"] >= spec.sparsity(torch.tensor([table[ctx]]).float())["decoder"]
+
+
+def test_dev_selection_in_the_prune_stage(tmp_path: Path, smoke_run: Path, smoke_corpus: list[str]) -> None:
+    run_dir = tmp_path / "selected"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("sweep", "eval", "profile", "pruned"))
+    r = cli("prune", "ci_smoke", *smoke_corpus, "--run-dir", str(run_dir), "--set", "prune.select_on_dev=true", "--json")
+    assert r.returncode == 0, r.stderr
+    before, after = read_json(smoke_run / "masks.json"), read_json(run_dir / "masks.json")
+    assert before["meta"]["dev_selection"] == {}
+    selection = after["meta"]["dev_selection"]
+    own = before["variants"]["context"]
+    candidates = {tuple(k) for k in own.values()}
+    for ctx, keep in after["variants"]["context"].items():
+        assert tuple(keep) in candidates
+        if ctx in selection:
+            assert selection[ctx]["chosen_loss"] <= selection[ctx]["own_loss"]
+            assert (keep == own[ctx]) == selection[ctx]["kept_own"]
+            assert after["stats"]["context"][ctx]["sparsity_total"] >= before["stats"]["context"][ctx]["sparsity_total"]
+    assert after["variants"]["static"] == before["variants"]["static"]  # only the context-aware masks are chosen
+    assert "dev selection" in r.stderr
+    bad = cli("recipe", "validate", "ci_smoke", "--set", "prune.select_on_dev=true", "--set", "gates.inputs=[task,speaker]")
+    assert bad.returncode == 2 and "prune.select_on_dev: needs one mask per context" in bad.stderr
