@@ -180,9 +180,6 @@ class PruneConfig:
     # The static baseline skips exactly the target share of each scope (largest skip margins first) instead of its
     # raw argmax, so it is compared with the context-aware masks at the same sparsity.
     calibrate_static: bool = True
-    # Each context keeps its own mask or takes another context's, whichever has the lower dev loss on the adapted
-    # base (select_on_dev in engine/prune.py). Context-level predictors only.
-    select_on_dev: bool = False
 
 
 @dataclass
@@ -455,9 +452,6 @@ def _semantic_checks(r: Recipe) -> list[str]:
         errs.append(f"eval.beam_size: must be >= 1, got {r.eval.beam_size}")
     if r.eval.bootstrap != 0 and r.eval.bootstrap < 100:
         errs.append(f"eval.bootstrap: must be 0 (off) or >= 100 resamples, got {r.eval.bootstrap}")
-    if r.prune.select_on_dev and {"pooled_features", "speaker"} & set(r.gates.inputs):
-        errs.append("prune.select_on_dev: needs one mask per context; gates.inputs has per-utterance inputs "
-                    f"({', '.join(sorted({'pooled_features', 'speaker'} & set(r.gates.inputs)))})")
     if r.tokenizer.vocab_size < 16:
         errs.append("tokenizer.vocab_size: must be >= 16")
     return errs

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from prune_cli.data.batching import Split, collate, make_batches
+from prune_cli.data.batching import Split
 from prune_cli.engine.masking import exact_cut, mode_pattern, predict_keep
 from prune_cli.engine.session import Session
 from prune_cli.gating.masks import MaskFile, layerdrop_mask, random_mask
@@ -54,9 +54,6 @@ def export_masks(s: Session) -> MaskFile:
     per_utt = pred.per_utterance
     context_exact = exact_cut(s.recipe, True)
     variants["context"] = _masks_for_contexts(s, pred, spec, [train, test], contexts, speakers, exact=context_exact)
-    selection: dict[str, dict[str, Any]] = {}
-    if s.recipe.prune.select_on_dev:
-        variants["context"], selection = select_on_dev(s, model, variants["context"], spec)
     if (s.run.checkpoints / "static.pt").is_file():
         variants["static"] = _masks_for_contexts(s, s.predictor("static"), spec, [train, test], contexts, speakers,
                                                  exact=exact_cut(s.recipe, False))
@@ -73,63 +70,11 @@ def export_masks(s: Session) -> MaskFile:
         variants=variants, stats=stats, per_utterance=per_utt, variant_weights=own_base,
         meta={"targets": targets, "scope": ctx_ckpt["scope"], "speakers": speakers, "module_flops": flops,
               "reference_utterance": {"frames": mean_frames, "tokens": 12}, "recipe_hash": s.run.stage_hash("prune"),
-              "context_exact_cut": context_exact, "dev_selection": selection},
+              "context_exact_cut": context_exact},
     )
     mf.save(s.run.masks)
     log(f"masks: {len(contexts)} contexts x {len(variants)} variants -> {s.run.masks}")
     return mf
-
-
-def select_on_dev(s: Session, model: SpeechModel, table: dict[str, list[int]], spec: SparsitySpec
-                  ) -> tuple[dict[str, list[int]], dict[str, dict[str, Any]]]:
-    """Each context keeps its own mask or takes another context's, whichever gives its dev utterances the lower loss
-    on the base the masks run on (the copy fine-tuned under them, with gates.finetune_base).
-
-    Why: the predictor chooses masks on the base before it adapts. A context whose mask is its own gets a fraction
-    of the adaptation, and may do better on a mask the base adapted to for many contexts. Candidates are the
-    predictor's own masks at no lower sparsity in any gated scope, counted as in training (module count or FLOPs),
-    so the comparison with the baselines stays at equal sparsity.
-    """
-    dev = s.split("dev")
-    by_ctx: dict[str, list[int]] = defaultdict(list)
-    for i, u in enumerate(dev.utts):
-        by_ctx[u.context].append(i)
-    sparsity = {}
-    for k in sorted({tuple(v) for v in table.values()}):
-        sp = spec.sparsity(torch.tensor(k, dtype=torch.float32)[None])
-        sparsity[k] = {sc: float(sp[sc][0]) for sc in spec.targets}
-    chosen, report = dict(table), {}
-    for ctx, own_list in sorted(table.items()):
-        own = tuple(own_list)
-        cands = [k for k in sparsity if all(sparsity[k][sc] >= sparsity[own][sc] - 1e-6 for sc in spec.targets)]
-        if ctx not in by_ctx or len(cands) < 2:
-            continue
-        losses = {k: _dev_loss(s, model, dev, by_ctx[ctx], k) for k in cands}
-        best = min(cands, key=lambda k: (losses[k], k != own))  # a tie keeps the context's own mask
-        chosen[ctx] = list(best)
-        report[ctx] = {"own_loss": round(losses[own], 4), "chosen_loss": round(losses[best], 4),
-                       "kept_own": best == own, "candidates": len(cands), "dev_utterances": len(by_ctx[ctx]),
-                       "mask_of": sorted(c for c, k in table.items() if tuple(k) == best)}
-    moved = sorted(c for c, r in report.items() if not r["kept_own"])
-    log(f"masks: dev selection over {len(sparsity)} distinct masks: {len(moved)} of {len(table)} contexts took another "
-        f"context's mask" + (f" ({', '.join(moved)})" if moved else ""))
-    return chosen, report
-
-
-@torch.no_grad()
-def _dev_loss(s: Session, model: SpeechModel, dev: Split, idx: list[int], keep: tuple[int, ...]) -> float:
-    """The base's training loss (joint attention/CTC, no label smoothing) over utterances `idx`, modules skipped."""
-    from prune_cli.engine.train import joint_loss, seq_loss
-
-    total = 0.0
-    for chunk in make_batches([dev.feats[i].shape[0] for i in idx], s.recipe.data.max_frames_per_batch, 0, 0,
-                              shuffle=False):
-        b = collate(dev, [idx[j] for j in chunk], s.tokenizer, s.cmvn, s.recipe.model.max_len).to(s.device)
-        logits, ctc_logits, mem_lens = model(b.feats, b.feat_lens, b.dec_in, keep=[bool(k) for k in keep])
-        att, _ = seq_loss(logits, b, 0.0)
-        loss, _ = joint_loss(att, ctc_logits, mem_lens, b, s.recipe.base.ctc_weight)
-        total += float(loss) * len(chunk)
-    return total / len(idx)
 
 
 def _masks_for_contexts(s: Session, pred, spec: SparsitySpec, splits: list[Split], contexts: list[str],  # noqa: ANN001
