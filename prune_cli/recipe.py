@@ -149,8 +149,10 @@ class GatesConfig:
     lr: float = 3e-3  # higher rates saturate the gate logits before contexts can diverge
     finetune_base: bool = False
     # joint: base and predictor learn together (masks tend to converge to one for all contexts);
-    # phased: the predictor learns on the frozen base for the first half, then the base learns under its masks.
+    # phased: the predictor learns on the frozen base for the first `predictor_share` of the steps, then the base
+    # learns under its masks.
     finetune_schedule: Literal["joint", "phased"] = "joint"
+    predictor_share: float = 0.5  # phased: the share of `steps` in which the predictor learns, before the base does
     base_lr: float = 1e-4
     init_keep_logit: float = 2.0
     # Context-aware masks are the argmax, which can end off target (the loss meets it in sampled batch means). When the
@@ -440,6 +442,8 @@ def _semantic_checks(r: Recipe) -> list[str]:
     for bs in r.profile.batch_sizes:
         if bs < 1:
             errs.append("profile.batch_sizes: must be positive")
+    if not 0.0 < r.gates.predictor_share < 1.0:
+        errs.append(f"gates.predictor_share: must be in (0, 1), got {r.gates.predictor_share}")
     if r.gates.distill < 0.0:
         errs.append(f"gates.distill: must be >= 0, got {r.gates.distill}")
     if not 0.0 <= r.base.module_drop < 1.0:
