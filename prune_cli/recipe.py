@@ -444,6 +444,10 @@ def _semantic_checks(r: Recipe) -> list[str]:
             errs.append("profile.batch_sizes: must be positive")
     if not 0.0 < r.gates.predictor_share < 1.0:
         errs.append(f"gates.predictor_share: must be in (0, 1), got {r.gates.predictor_share}")
+    elif r.gates.finetune_base and r.gates.finetune_schedule == "phased" and \
+            not 1 <= int(r.gates.steps * r.gates.predictor_share) < r.gates.steps:
+        errs.append(f"gates.predictor_share: {r.gates.predictor_share} of gates.steps={r.gates.steps} leaves the predictor "
+                    "or the base no step of the phased schedule")
     if r.gates.distill < 0.0:
         errs.append(f"gates.distill: must be >= 0, got {r.gates.distill}")
     if not 0.0 <= r.base.module_drop < 1.0:

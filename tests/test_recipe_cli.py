@@ -68,6 +68,11 @@ def test_semantic_checks() -> None:
         build_recipe(apply_overrides({}, ["gates.predictor_share=1.0"]))
     assert e.value.problems == ["<recipe>: gates.predictor_share: must be in (0, 1), got 1.0"]
     with pytest.raises(UsageError) as e:
+        build_recipe(apply_overrides({}, ["gates.finetune_base=true", "gates.finetune_schedule=phased", "gates.steps=3",
+                                          "gates.predictor_share=0.25"]))
+    assert e.value.problems == ["<recipe>: gates.predictor_share: 0.25 of gates.steps=3 leaves the predictor or the "
+                                "base no step of the phased schedule"]
+    with pytest.raises(UsageError) as e:
         build_recipe(apply_overrides({}, ["eval.ctc_weight=0.3"]))  # beam_size defaults to 1
     assert e.value.problems == ["<recipe>: eval.ctc_weight: joint CTC/attention decoding is a beam "
                                 "search; set eval.beam_size >= 2 (or ctc_weight 0)"]
