@@ -172,6 +172,11 @@ class GatesConfig:
     save_every: int = 100
     log_every: int = 50
 
+    @property
+    def freeze_step(self) -> int:
+        """Phased schedule: the step at which the predictor stops learning and the base starts."""
+        return int(self.steps * self.predictor_share)
+
 
 @dataclass
 class PruneConfig:
@@ -445,7 +450,7 @@ def _semantic_checks(r: Recipe) -> list[str]:
     if not 0.0 < r.gates.predictor_share < 1.0:
         errs.append(f"gates.predictor_share: must be in (0, 1), got {r.gates.predictor_share}")
     elif r.gates.finetune_base and r.gates.finetune_schedule == "phased" and \
-            not 1 <= int(r.gates.steps * r.gates.predictor_share) < r.gates.steps:
+            not 1 <= r.gates.freeze_step < r.gates.steps:
         errs.append(f"gates.predictor_share: {r.gates.predictor_share} of gates.steps={r.gates.steps} leaves the predictor "
                     "or the base no step of the phased schedule")
     if r.gates.distill < 0.0:

@@ -429,7 +429,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
         if joint:
             params.append({"params": list(model.parameters()), "lr": g.base_lr, "name": "base"})
             if g.finetune_schedule == "phased":
-                params[0]["stop"] = params[1]["start"] = int(g.steps * g.predictor_share)
+                params[0]["stop"] = params[1]["start"] = g.freeze_step
         freeze = params[0].get("stop")  # phased: the step from which the predictor no longer learns
         obj = GateObjective(model, predictor, sparsity, s, speakers, g.steps, seed,
                             calibrated=exact_cut(r, bool(inputs)), frozen_from=freeze, teacher=teacher)
