@@ -193,6 +193,44 @@ def test_paired_bootstrap_compares_the_averages_eval_reports(smoke_run: Path) ->
     assert paired_bootstrap(tasks, refs, hyps, [("dense", "oracle")], 500, 7, skip)["pairs"] == out["pairs"][1:]
 
 
+def test_compare_across_runs_repeats_evals_bootstrap_and_rejects_another_test_set(tmp_path: Path, smoke_run: Path) -> None:
+    ev = read_json(smoke_run / "eval" / "summary.json")
+    other = tmp_path / "other"  # a second run on the same test set: a copy of this run's eval
+    shutil.copytree(smoke_run / "eval", other / "eval")
+    r = cli("compare", f"{smoke_run}:context", f"{other}:static", "--samples", str(ev["comparisons"]["samples"]), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    (pair,) = doc["comparisons"]["pairs"]
+    # Seeded by run a's config as eval is, on eval's utterance order: the same draws, the same numbers.
+    expected = next(p for p in ev["comparisons"]["pairs"] if (p["a"], p["b"]) == ("context", "static"))
+    assert pair["metrics"] == expected["metrics"]
+    assert doc["utterances"] == sum(c["n"] for c in ev["variants"]["dense"].values())
+    assert doc["bleu_unscorable"] == ev["bleu_unscorable"] and doc["b"] == {"run": str(other), "variant": "static"}
+    r = cli("compare", str(smoke_run), str(other), "--samples", "50")  # default variant: context in both
+    assert r.returncode == 0 and "paired bootstrap" in r.stdout, r.stderr
+
+    rows = (other / "eval" / "utterances.jsonl").read_text(encoding="utf-8").splitlines()
+    static = [json.loads(x) for x in rows if json.loads(x)["variant"] == "static"]
+    dropped, edited = static[0], next(x for x in static if x["context"] != static[0]["context"])
+    kept = []
+    for x in rows:
+        row = json.loads(x)
+        if row["variant"] == "static" and row["utt_id"] == dropped["utt_id"]:
+            continue
+        if row["variant"] == "static" and row["utt_id"] == edited["utt_id"]:
+            row["ref"] += " extra"
+        kept.append(json.dumps(row))
+    (other / "eval" / "utterances.jsonl").write_text("\n".join(kept) + "\n", encoding="utf-8")
+    r = cli("compare", f"{smoke_run}:context", f"{other}:static")
+    assert r.returncode == 2
+    assert f"error: not the same test set: context {dropped['context']}: 1 utterance(s) only in {smoke_run}, 0 only" in r.stderr
+    assert f"error: not the same test set: context {edited['context']}: 1 utterance(s) have different references" in r.stderr
+    r = cli("compare", f"{smoke_run}:random", str(other))
+    assert r.returncode == 2 and "no eval of variant 'random' (evaluated: context, dense, static)" in r.stderr
+    r = cli("compare", str(tmp_path / "absent"), str(smoke_run))
+    assert r.returncode == 1 and "utterances.jsonl: missing" in r.stderr
+
+
 def test_quality_gate_exit_code_and_json_purity(smoke_run: Path, smoke_corpus: list[str]) -> None:
     r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--variants", "dense",
             "--contexts", "asr:en,st:de-en", "--max-wer", "-1", "--json")

@@ -8,11 +8,15 @@ the average of several test sets). Sufficient statistics per utterance make a re
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import AbstractSet, Any, Mapping, Sequence
 
 import numpy as np
+import yaml
 
-from prune_cli.engine.metrics import LOWER_IS_BETTER, score_rows, utterance_stats
+from prune_cli.engine.metrics import LOWER_IS_BETTER, bleu_measurable, score_rows, utterance_stats
+from prune_cli.errors import MissingInputError, UsageError
 
 METHOD = "paired bootstrap over utterances, stratified by context; 95% percentile interval; p two-sided"
 
@@ -58,3 +62,73 @@ def paired_bootstrap(
                                "a_better_share": round(float(np.mean(better)), 4)}
         out.append({"a": a, "b": b, "metrics": metrics})
     return {"method": METHOD, "samples": n_samples, "pairs": out}
+
+
+# ---------------------------------------------------------------- across runs
+
+
+def parse_run_variant(spec: str, default_variant: str) -> tuple[Path, str]:
+    """RUN_DIR[:VARIANT] -> (run dir, variant). A suffix after the last ':' is a variant unless it holds a '/'."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and "/" not in tail and not Path(spec).is_dir():
+        return Path(head), tail
+    return Path(spec), default_variant
+
+
+def read_eval_hyps(run_dir: Path, variant: str) -> dict[str, dict[str, tuple[str, str]]]:
+    """A run's full eval of one variant: context -> utt_id -> (ref, hyp), from eval/utterances.jsonl."""
+    path = run_dir / "eval" / "utterances.jsonl"
+    if not path.is_file():
+        raise MissingInputError(f"{path}: missing (a full `prune-cli eval` of {run_dir} writes it)")
+    rows: dict[str, dict[str, dict[str, tuple[str, str]]]] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            r = json.loads(line)
+            rows.setdefault(r["variant"], {}).setdefault(r["context"], {})[r["utt_id"]] = (r["ref"], r["hyp"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise MissingInputError(f"{path}:{n}: not an eval row ({e})") from None
+    if variant not in rows:
+        raise UsageError(f"{run_dir}: no eval of variant {variant!r} (evaluated: {', '.join(sorted(rows))})")
+    return rows[variant]
+
+
+def _run_seed(run_dir: Path) -> int:
+    try:
+        return int((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("seed", 0))
+    except (OSError, yaml.YAMLError, TypeError, ValueError):
+        return 0
+
+
+def compare_runs(a: tuple[Path, str], b: tuple[Path, str], n_samples: int, seed: int | None) -> dict[str, Any]:
+    """Paired bootstrap of variant a (in its run) against variant b (in its run) on the test utterances both
+    evaluated, e.g. a recipe change against the recipe it changed. The two must hold the same test set: the same
+    utterances with the same references in every context. Seed: run a's, unless given."""
+    (run_a, var_a), (run_b, var_b) = a, b
+    ha, hb = read_eval_hyps(run_a, var_a), read_eval_hyps(run_b, var_b)
+    problems: list[str] = []
+    for ctx in sorted(set(ha) | set(hb)):
+        if ctx not in ha or ctx not in hb:
+            problems.append(f"context {ctx}: evaluated in {run_a if ctx in ha else run_b} only")
+            continue
+        only_a, only_b = ha[ctx].keys() - hb[ctx].keys(), hb[ctx].keys() - ha[ctx].keys()
+        if only_a or only_b:
+            problems.append(f"context {ctx}: {len(only_a)} utterance(s) only in {run_a}, {len(only_b)} only in {run_b}")
+            continue
+        changed = sum(ha[ctx][u][0] != hb[ctx][u][0] for u in ha[ctx])
+        if changed:
+            problems.append(f"context {ctx}: {changed} utterance(s) have different references")
+    if problems:
+        raise UsageError([f"not the same test set: {p}" for p in problems])
+    label_a, label_b = f"{run_a}:{var_a}", f"{run_b}:{var_b}"
+    if label_a == label_b:
+        raise UsageError(f"{label_a} compared with itself")
+    tasks = {ctx: ctx.split(":", 1)[0] for ctx in ha}
+    order = {ctx: list(ha[ctx]) for ctx in ha}  # run a's eval order: comparing within one run repeats eval's draw
+    refs = {ctx: [ha[ctx][u][0] for u in order[ctx]] for ctx in ha}
+    hyps = {label_a: {ctx: [ha[ctx][u][1] for u in order[ctx]] for ctx in ha},
+            label_b: {ctx: [hb[ctx][u][1] for u in order[ctx]] for ctx in ha}}
+    unscorable = {ctx for ctx, task in tasks.items() if task == "st" and not bleu_measurable(refs[ctx])}
+    seed = _run_seed(run_a) if seed is None else seed
+    return {"a": {"run": str(run_a), "variant": var_a}, "b": {"run": str(run_b), "variant": var_b}, "seed": seed,
+            "utterances": sum(len(r) for r in refs.values()), "bleu_unscorable": sorted(unscorable),
+            "comparisons": paired_bootstrap(tasks, refs, hyps, [(label_a, label_b)], n_samples, seed, unscorable)}
