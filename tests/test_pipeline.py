@@ -209,18 +209,12 @@ def test_compare_across_runs_repeats_evals_bootstrap_and_rejects_another_test_se
     r = cli("compare", str(smoke_run), str(other), "--samples", "50")  # default variant: context in both
     assert r.returncode == 0 and "paired bootstrap" in r.stdout, r.stderr
 
-    rows = (other / "eval" / "utterances.jsonl").read_text(encoding="utf-8").splitlines()
-    static = [json.loads(x) for x in rows if json.loads(x)["variant"] == "static"]
+    path = other / "eval" / "utterances.jsonl"
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    static = [x for x in rows if x["variant"] == "static"]
     dropped, edited = static[0], next(x for x in static if x["context"] != static[0]["context"])
-    kept = []
-    for x in rows:
-        row = json.loads(x)
-        if row["variant"] == "static" and row["utt_id"] == dropped["utt_id"]:
-            continue
-        if row["variant"] == "static" and row["utt_id"] == edited["utt_id"]:
-            row["ref"] += " extra"
-        kept.append(json.dumps(row))
-    (other / "eval" / "utterances.jsonl").write_text("\n".join(kept) + "\n", encoding="utf-8")
+    edited["ref"] += " extra"  # in place: `rows` holds the same dicts
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows if x is not dropped), encoding="utf-8")
     r = cli("compare", f"{smoke_run}:context", f"{other}:static")
     assert r.returncode == 2
     assert f"error: not the same test set: context {dropped['context']}: 1 utterance(s) only in {smoke_run}, 0 only" in r.stderr
