@@ -214,40 +214,50 @@ def profile(
 @app.command()
 def run(
     recipe: RecipeArg,
-    stages: Annotated[Optional[str], typer.Option(help="Comma list of stages (default: all): synth,base,gates,prune,eval,profile,report.")] = None,
+    stages: Annotated[Optional[str], typer.Option(help="Comma list of stages (default: all): synth,base,gates,prune,eval,profile,report,sweep.")] = None,
     force: Annotated[Optional[list[str]], typer.Option(help="Redo this stage and the ones after it.")] = None,
-    sweep: Annotated[Optional[str], typer.Option(help="key.path=v1,v2,...: gates/prune/eval/profile per value on one base.")] = None,
+    sweep: Annotated[Optional[str], typer.Option(help="key.path=v1,v2,...: base, then gates..profile per value, instead of the recipe sweep.")] = None,
     check_against: Annotated[Optional[Path], typer.Option(help="Compare metrics with another run dir; exit 3 on a mismatch.")] = None,
     overrides: OverridesArg = None, set_: SetOpt = None, run_dir: RunDirOpt = None, device: DeviceOpt = "auto", json_out: JsonOpt = False,
     quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
-    """Run the whole pipeline, skipping stages whose outputs are complete for this config."""
+    """Run the whole pipeline, skipping stages whose outputs are complete for this config; then the recipe's sweep."""
     with guarded(debug, json_out, quiet):
         from prune_cli.engine.pipeline import check_against as compare
         from prune_cli.engine.pipeline import parse_sweep, run_stages
         from prune_cli.engine.pipeline import sweep as do_sweep
         from prune_cli.engine.session import Session
-        from prune_cli.recipe import apply_overrides, build_recipe, load_raw, resolve_recipe_path
+        from prune_cli.recipe import apply_overrides, build_recipe, load_raw, resolve_recipe_path, sweep_point_raw
+        from prune_cli.report import write_report
         from prune_cli.runs import STAGES, RunDir
 
-        chosen = _csv(stages) or list(STAGES)
-        for st in chosen + list(force or []):
+        run_stage_names = [*STAGES, "sweep"]
+        chosen = _csv(stages) or run_stage_names
+        for st in chosen:
+            if st not in run_stage_names:
+                raise UsageError(f"unknown stage {st!r} (stages: {', '.join(run_stage_names)})")
+        for st in force or []:
             if st not in STAGES:
-                raise UsageError(f"unknown stage {st!r} (stages: {', '.join(STAGES)})")
+                raise UsageError(f"--force: unknown stage {st!r} (stages: {', '.join(STAGES)})")
         sets = _sets(set_, overrides)
         s, path = open_session(recipe, sets, run_dir, device)
+        raw = apply_overrides(load_raw(resolve_recipe_path(recipe)), sets)
+
+        def make(r, p):  # noqa: ANN001, ANN202
+            return Session(r, RunDir(p, r), s.device)
+
+        result: dict[str, Any]
         if sweep:
-            key, values = parse_sweep(sweep)
-            raw = load_raw(resolve_recipe_path(recipe))
-            for v in values:  # every sweep point must be a valid recipe before anything runs
-                build_recipe(apply_overrides(raw, [*sets, f"{key}={v}"]), str(path))
-
-            def make(r, p):  # noqa: ANN001, ANN202
-                return Session(r, RunDir(p, r), s.device)
-
-            result: dict[str, Any] = {"sweep": do_sweep(s, raw, key, values, make, str(path), sets)}
+            points = parse_sweep(sweep)
+            for p in points:  # every sweep point must be a valid recipe before anything runs
+                build_recipe(sweep_point_raw(raw, p), str(path))
+            result = {"sweep": do_sweep(s, raw, points, make, str(path), sets)}
         else:
             result = run_stages(s, [st for st in STAGES if st in chosen], list(force or []), str(path), sets)
+            if "sweep" in chosen and s.recipe.sweep:
+                result["sweep"] = do_sweep(s, raw, s.recipe.sweep, make, str(path), sets)
+                if "report" in chosen:  # now with the sweep's table
+                    result["report"] = str(write_report(s.run.path, str(path), sets))
         out: dict[str, Any] = {"run_dir": str(s.run.path), "stages": {k: ("done" if v != "skipped" else v) for k, v in result.items()}}
         problems: list[str] = []
         if check_against is not None:

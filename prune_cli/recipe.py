@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Iterable, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -241,6 +241,10 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
+    # More operating points `run` trains after the main job, each a mapping of dotted keys to values (the
+    # key=value override syntax), e.g. {gates.target.encoder: 0.75, gates.target.decoder: 0.75}: gates -> prune ->
+    # eval -> profile per point on the same base, a summary table and a quality-vs-cost plot.
+    sweep: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -312,7 +316,7 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     raise UsageError(f"{name_or_path}: recipe not found{extra}")
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     if "=" not in text:
         raise UsageError(f"--set {text!r}: expected key.path=value")
     key, value = text.split("=", 1)
@@ -320,13 +324,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError:
         parsed = value
-    return key.strip().split("."), parsed
+    return tuple(key.strip().split(".")), parsed
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    return apply_values(raw, [parse_override(text) for text in overrides])
+
+
+def apply_values(raw: dict[str, Any], values: Iterable[tuple[Sequence[str], Any]]) -> dict[str, Any]:
+    """A copy of `raw` with each key path set to its value, in order."""
     out = copy.deepcopy(raw)
-    for text in overrides:
-        path, value = parse_override(text)
+    for path, value in values:
         node = out
         for part in path[:-1]:
             if not isinstance(node.get(part), dict):
@@ -334,6 +342,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node[part]
         node[path[-1]] = value
     return out
+
+
+def sweep_point_raw(raw: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
+    """The raw recipe of one sweep point: the parent's, without its own sweep, with the point's values set."""
+    return apply_values({k: v for k, v in raw.items() if k != "sweep"}, [(k.split("."), v) for k, v in point.items()])
+
+
+def point_label(point: dict[str, Any]) -> str:
+    """A sweep point as key=value pairs, e.g. the name of its run directory."""
+    return ",".join(f"{k}={v}" for k, v in point.items())
 
 
 # ---------------------------------------------------------------- validation
@@ -373,6 +391,11 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         if value not in typing.get_args(tp):
             errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            errors.append(f"{path}: expected a mapping of dotted keys to values, got {value!r}")
+            return {}
+        return dict(value)
     if origin is list:
         if not isinstance(value, list):
             errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -475,6 +498,14 @@ def build_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
     recipe = _build(Recipe, raw, "", errors)
     if not errors:
         errors = _semantic_checks(recipe)
+    for i, point in enumerate(recipe.sweep if not errors else []):
+        if not point or any(k == "sweep" or k.startswith("sweep.") for k in point):
+            errors.append(f"sweep[{i}]: a point sets at least one key, and not sweep itself; got {point!r}")
+            continue
+        try:  # each point must be a valid recipe before anything runs
+            build_recipe(sweep_point_raw(raw, point))
+        except UsageError as e:
+            errors += [f"sweep[{i}]: {line.removeprefix('<recipe>: ')}" for line in e.problems]
     if errors:
         raise UsageError([f"{source}: {e}" for e in errors])
     return recipe

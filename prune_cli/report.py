@@ -147,6 +147,23 @@ def quality_rows(ev: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return ["context (WER % / BLEU)"] + variants, rows
 
 
+def sweep_rows(sweep: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """One row per sweep point and variant: averages, sparsity, FLOPs and latency ratios."""
+    rows = []
+    for row in sweep["rows"]:
+        label = ", ".join(f"{k}={v}" for k, v in row["point"].items())
+        for v in ("dense", "context", "static", "random", "layerdrop"):
+            if v in row:
+                d = row[v]
+                rows.append([label, v, _num(d.get("wer")), _num(d.get("bleu")), _num(d.get("chrf")),
+                             _num(d.get("sparsity"), 3), _num(d.get("flops_ratio"), 3), _num(d.get("latency_ratio"), 3)])
+    return ["point", "variant", "avg WER", "avg BLEU", "avg chrF", "sparsity", "FLOPs ratio", "latency ratio"], rows
+
+
+def _num(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
 def write_report(run_dir: Path, recipe_path: str, overrides: list[str]) -> Path:
     """report.md from what the stages wrote: quality, cost, masks, plots and the commands to rerun each stage."""
     ev = _read(run_dir / "eval" / "summary.json")
@@ -191,6 +208,10 @@ def write_report(run_dir: Path, recipe_path: str, overrides: list[str]) -> Path:
                 bs_rows.append([v, bs, parts["encoder"]["median"], parts["e2e"]["median"],
                                 pr["ratios"].get(v, {}).get("by_batch", {}).get(bs, {}).get("e2e", 1.0)])
         lines += ["Batch-size sweep (median ms):", "", markdown_table(["variant", "batch", "encoder", "e2e", "e2e ratio"], bs_rows), ""]
+    sweep = _read(run_dir / "sweep" / "summary.json")
+    if sweep.get("rows"):
+        lines += ["## Sweep", "", "More operating points, each trained on this run's base (see `sweep/`). Averages; "
+                  "ratios pruned/dense.", "", markdown_table(*sweep_rows(sweep)), "", "![quality vs cost](plots/pareto.png)", ""]
     if metrics.get("base"):
         lines += ["## Training", "", f"Base: {json.dumps(metrics['base'])}", ""]
     if metrics.get("gates"):

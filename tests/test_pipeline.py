@@ -264,16 +264,34 @@ def test_profile_device_cuda_without_cuda_is_a_usage_error(smoke_run: Path, smok
     assert r.returncode == 2 and "CUDA is not available" in r.stderr
 
 
-def test_sweep_two_values(smoke_root: Path, smoke_run: Path, smoke_corpus: list[str]) -> None:
-    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--sweep", "gates.target.decoder=0.25,0.75",
+def test_sweeps_from_the_recipe_and_the_command_line_train_each_point_on_the_shared_base(
+        smoke_root: Path, smoke_run: Path, smoke_corpus: list[str]) -> None:
+    # the recipe's sweep (here set by an override): one point that sets two keys, run after the main stages
+    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--stages", "sweep,report",
+            "sweep=[{gates.target.decoder: 0.75, gates.alpha: 3.0}]", "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)["stages"]) == {"report", "sweep"}
+    high = smoke_run / "sweep" / "gates.target.decoder=0.75,gates.alpha=3.0"
+    summary = read_json(smoke_run / "sweep" / "summary.json")
+    assert summary["keys"] == ["gates.target.decoder", "gates.alpha"]
+    assert [row["point"] for row in summary["rows"]] == [{"gates.target.decoder": 0.75, "gates.alpha": 3.0}]
+    child = load_recipe(str(high / "config.yaml"))[0]
+    assert (child.gates.target.decoder, child.gates.alpha, child.sweep) == (0.75, 3.0, [])
+    report = (smoke_run / "report.md").read_text()
+    assert "## Sweep" in report and "| gates.target.decoder=0.75, gates.alpha=3.0 | static |" in report
+    # --sweep key=v1,...: the base, then each value; the recipe's own sweep is not run
+    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--sweep", "gates.target.decoder=0.25",
             "--json", "--quiet")
     assert r.returncode == 0, r.stderr
     summary = read_json(smoke_run / "sweep" / "summary.json")
-    assert [row["value"] for row in summary["rows"]] == [0.25, 0.75]
-    for row in summary["rows"]:
-        assert {"dense", "context", "static"} <= set(row)
-        child = Path(row["run_dir"])
-        assert read_json(child / "stages" / "base.json").get("shared_from") == str(smoke_run)
+    assert [row["value"] for row in summary["rows"]] == [0.25]
+    low = smoke_run / "sweep" / "gates.target.decoder=0.25"
+    for child_dir in (high, low):
+        assert read_json(child_dir / "stages" / "base.json").get("shared_from") == str(smoke_run)
+        assert {"dense", "context", "static"} <= set(read_json(child_dir / "eval" / "summary.json")["variants"])
+    # each point's target reached its gate training: the static mask skips more of the decoder at 0.75
+    dec = {d: read_json(d / "masks.json")["stats"]["static"] for d in (high, low)}
+    assert min(c["sparsity_decoder"] for c in dec[high].values()) > max(c["sparsity_decoder"] for c in dec[low].values())
     assert (smoke_run / "plots" / "pareto.png").is_file()
 
 
@@ -405,3 +423,23 @@ def test_gate_seed_and_distillation_change_only_the_gate_stage(tmp_path: Path, s
     new = torch.load(run_dir / "checkpoints" / "gates.pt", weights_only=False)["state_dict"]
     old = torch.load(smoke_run / "checkpoints" / "gates.pt", weights_only=False)["state_dict"]
     assert any(not torch.equal(new[k], old[k]) for k in old)  # another seed (and the KL term): another predictor
+
+
+def test_sweep_point_relinks_a_retrained_parent_base_and_says_so(tmp_path: Path) -> None:
+    from prune_cli.engine.pipeline import _share_base
+
+    recipe = load_recipe("ci_smoke")[0]
+    parent, child = RunDir(tmp_path / "parent", recipe), RunDir(tmp_path / "parent" / "sweep" / "p", recipe)
+    (parent.checkpoints).mkdir(parents=True)
+    (parent.checkpoints / "base.pt").write_bytes(b"first base")
+    assert not _share_base(parent, child)  # nothing to share before the parent's base is complete
+    assert not (child.checkpoints / "base.pt").exists()
+    parent.mark_complete("base")
+    assert not _share_base(parent, child)  # first link: nothing was stale
+    assert not _share_base(parent, child)  # same file: nothing to do
+    assert child.stage_complete("base") and (child.checkpoints / "base.pt").read_bytes() == b"first base"
+    fresh = parent.checkpoints / "base.pt.tmp"
+    fresh.write_bytes(b"retrained base")
+    fresh.replace(parent.checkpoints / "base.pt")  # how checkpoints are written: a new file renamed over the old
+    assert _share_base(parent, child)
+    assert (child.checkpoints / "base.pt").read_bytes() == b"retrained base"

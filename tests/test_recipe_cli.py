@@ -150,6 +150,34 @@ def test_sweep_key_is_validated_before_anything_runs(tmp_path: Path) -> None:
     assert not (tmp_path / "r" / "stages").exists()
 
 
+def test_recipe_sweep_points_are_validated_one_line_each(tmp_path: Path) -> None:
+    rec = write(tmp_path / "r.yaml", "include: " + str(Path("recipes/ci_smoke.yaml").resolve()) + "\nsweep:\n"
+                "  - {gates.target.decoder: 0.75}\n  - {gates.target.decodr: 0.5}\n  - {gates.target.encoder: 1.5}\n"
+                "  - {}\n  - 0.75\n")
+    r = cli("run", str(rec), "--run-dir", str(tmp_path / "r"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sweep[4]: expected a mapping of dotted keys to values, got 0.75" in lines[0]
+    rec.write_text(rec.read_text().replace("  - 0.75\n", ""))
+    r = cli("recipe", "validate", str(rec))
+    assert r.returncode == 2
+    assert [line.split("r.yaml: ", 1)[1] for line in r.stderr.strip().splitlines()] == [
+        "sweep[1]: gates.target.decodr: unknown key (did you mean 'gates.target.decoder'?)",
+        "sweep[2]: gates.target.encoder: must be in [0, 1), got 1.5",
+        "sweep[3]: a point sets at least one key, and not sweep itself; got {}",
+    ]
+    assert not (tmp_path / "r" / "stages").exists()
+
+
+def test_parse_sweep_makes_one_typed_point_per_value() -> None:
+    from prune_cli.engine.pipeline import parse_sweep
+
+    assert parse_sweep("gates.target.decoder=0.25,0.5") == [{"gates.target.decoder": 0.25}, {"gates.target.decoder": 0.5}]
+    assert parse_sweep("gates.inputs=[task]") == [{"gates.inputs": ["task"]}]
+    with pytest.raises(UsageError):
+        parse_sweep("gates.target.decoder")
+
+
 def test_model_summary_reports_params_and_flops_per_module() -> None:
     r = cli("model", "summary", "ci_smoke", "--frames", "200", "--json")
     assert r.returncode == 0, r.stderr

@@ -12,7 +12,7 @@ from prune_cli.data.synth import SYNTH_VERSION, build_corpus
 from prune_cli.engine.session import Session
 from prune_cli.errors import UsageError
 from prune_cli.progress import log, progress
-from prune_cli.recipe import Recipe, apply_overrides, build_recipe, parse_override
+from prune_cli.recipe import Recipe, build_recipe, parse_override, point_label, sweep_point_raw
 from prune_cli.runs import STAGES, RunDir, atomic_write_json
 
 # ---------------------------------------------------------------- stages
@@ -154,59 +154,74 @@ def run_stages(s: Session, stages: list[str], force: list[str], recipe_path: str
 # ---------------------------------------------------------------- sweeps
 
 
-def parse_sweep(text: str) -> tuple[str, list[str]]:
+def parse_sweep(text: str) -> list[dict[str, Any]]:
+    """--sweep key.path=v1,v2,... as sweep points: [{key.path: v1}, {key.path: v2}, ...]."""
     if "=" not in text:
         raise UsageError(f"--sweep {text!r}: expected key.path=v1,v2,...")
     key, values = text.split("=", 1)
     vals = [v for v in values.split(",") if v != ""]
     if len(vals) < 1:
         raise UsageError(f"--sweep {text!r}: no values")
-    return key, vals
+    return [{key.strip(): parse_override(f"{key}={v}")[1]} for v in vals]
 
 
 def sweep(
-    parent: Session, raw: dict[str, Any], key: str, values: list[str], make_session: Callable[[Recipe, Path], Session],
+    parent: Session, raw: dict[str, Any], points: list[dict[str, Any]], make_session: Callable[[Recipe, Path], Session],
     recipe_path: str, overrides: list[str],
 ) -> dict[str, Any]:
-    """Shared base, then gates -> prune -> eval -> profile for each value; a table and a Pareto plot."""
+    """Shared base, then gates -> prune -> eval -> profile for each point; a table and a quality-vs-cost plot.
+
+    `raw` is the recipe with the run's overrides applied; each point's values go on top of it."""
     run_stages(parent, ["synth", "base"], [], recipe_path, overrides)
     rows = []
-    for value in values:
-        sub_over = [*overrides, f"{key}={value}"]
-        child_recipe = build_recipe(apply_overrides(raw, sub_over), recipe_path)
-        child = make_session(child_recipe, parent.run.path / "sweep" / f"{key}={value}")
+    for point in points:
+        label = point_label(point)
+        sub_over = [*overrides, *(f"{k}={v}" for k, v in point.items())]  # the child report's rerun commands
+        child = make_session(build_recipe(sweep_point_raw(raw, point), recipe_path), parent.run.path / "sweep" / label)
         child.run.prepare(str(child.device))
-        _share_base(parent.run, child.run)
-        log(f"[sweep] {key}={value}")
+        if _share_base(parent.run, child.run):
+            log(f"[sweep] {label}: the shared base was retrained; redoing this point's gates and what follows")
+            for stage in ("gates", "prune", "eval", "profile"):
+                reset_stage(child, stage)
+        log(f"[sweep] {label}")
         run_stages(child, ["base", "gates", "prune", "eval", "profile", "report"], [], recipe_path, sub_over)
-        rows.append(_sweep_row(child.run.path, key, parse_override(f"{key}={value}")[1]))
-    out = {"key": key, "rows": rows}
+        rows.append(_sweep_row(child.run.path, point))
+    keys = list(dict.fromkeys(k for p in points for k in p))
+    out: dict[str, Any] = {"keys": keys, "rows": rows}
     atomic_write_json(parent.run.path / "sweep" / "summary.json", out)
-    plot_pareto(rows, parent.run.path / "plots" / "pareto.png", key)
+    plot_pareto(rows, parent.run.path / "plots" / "pareto.png", ", ".join(keys))
     return out
 
 
-def _share_base(parent: RunDir, child: RunDir) -> None:
-    """Link the parent's base outputs into the child when the base config is identical."""
+def _share_base(parent: RunDir, child: RunDir) -> bool:
+    """Link the parent's base outputs into the child when the base config is identical.
+
+    True when a link the child had pointed at an older parent base (retrained since): what the child trained on
+    it is stale."""
     if parent.stage_hash("base") != child.stage_hash("base") or not parent.stage_complete("base"):
-        return
-    for rel in ("checkpoints/base.pt", "cmvn.pt", "tokenizer/tokenizer.json", "tokenizer/spm.model"):
+        return False
+    rels = ["checkpoints/base.pt", "cmvn.pt", "tokenizer/tokenizer.json", "tokenizer/spm.model"]
+    rels += [f"cache/{p.name}" for p in (parent.path / "cache").glob("*.pt")]
+    replaced = False
+    for rel in rels:
         src, dst = parent.path / rel, child.path / rel
-        if src.is_file() and not dst.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.link(src, dst)
-    for cache in (parent.path / "cache").glob("*.pt"):
-        dst = child.path / "cache" / cache.name
-        if not dst.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.link(cache, dst)
+        if not src.is_file() or (dst.exists() and os.path.samefile(src, dst)):
+            continue
+        if dst.exists():
+            dst.unlink()
+            replaced = True
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.link(src, dst)
     child.mark_complete("base", {"shared_from": str(parent.path)})
+    return replaced
 
 
-def _sweep_row(run_dir: Path, key: str, value: Any) -> dict[str, Any]:
+def _sweep_row(run_dir: Path, point: dict[str, Any]) -> dict[str, Any]:
     ev = json.loads((run_dir / "eval" / "summary.json").read_text())
     pr = json.loads((run_dir / "profile" / "summary.json").read_text())
-    row: dict[str, Any] = {"value": value, "run_dir": str(run_dir)}
+    row: dict[str, Any] = {"point": point, "run_dir": str(run_dir)}
+    if len(point) == 1:
+        row["value"] = next(iter(point.values()))
     for v, avg in ev["averages"].items():
         row[v] = {**avg, "flops": pr["variants"].get(v, {}).get("flops", {}).get("total"),
                   "latency_ms": pr["variants"].get(v, {}).get("latency_ms", {}).get("median"),
@@ -216,7 +231,7 @@ def _sweep_row(run_dir: Path, key: str, value: Any) -> dict[str, Any]:
     return row
 
 
-def plot_pareto(rows: list[dict[str, Any]], path: Path, key: str) -> None:
+def plot_pareto(rows: list[dict[str, Any]], path: Path, keys: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,7 +250,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, key: str) -> None:
             ax.set_ylabel(f"avg {metric.upper()}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle(f"quality vs cost, sweep over {key}")
+    fig.suptitle(f"quality vs cost, sweep over {keys}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
