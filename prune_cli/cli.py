@@ -427,9 +427,11 @@ def _csv(value: str | None) -> list[str] | None:
 
 
 def _check_variants(vs: list[str] | None) -> None:
+    from prune_cli.recipe import VARIANTS
+
     for v in vs or []:
-        if v not in ("dense", "context", "static", "random", "layerdrop"):
-            raise UsageError(f"--variants: unknown variant {v!r} (dense, context, static, random, layerdrop)")
+        if v not in VARIANTS:
+            raise UsageError(f"--variants: unknown variant {v!r} ({', '.join(VARIANTS)})")
 
 
 def main() -> None:

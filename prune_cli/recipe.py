@@ -22,6 +22,7 @@ from prune_cli.errors import UsageError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 LANGS = ("en", "de", "fr", "es", "it")
+VARIANTS = ("dense", "dense_tuned", "context", "static", "random", "layerdrop")
 
 
 @dataclass
@@ -167,6 +168,9 @@ class GatesConfig:
     # Lets one base and corpus measure how much the learned masks and their quality vary with gate training's randomness.
     seed: Optional[int] = None
     train_static: bool = True  # the `static` baseline is trained with the same loop
+    # The fair dense reference, `dense_tuned`: a copy of the base fine-tuned on the same schedule and data with every
+    # module kept (needs finetune_base). Against it, eval measures what pruning costs, not what extra training gains.
+    train_dense_tuned: bool = False
     static_lr: float = 2e-2  # its single logit table needs a larger step to reach the target in the same steps
     val_every: int = 200
     save_every: int = 100
@@ -464,9 +468,15 @@ def _semantic_checks(r: Recipe) -> list[str]:
         errs.append(f"model.d_model: {r.model.d_model} is not divisible by model.heads={r.model.heads}")
     if r.model.cgmlp_dim % 2:
         errs.append("model.cgmlp_dim: must be even (it is split into two gated halves)")
-    for v in set(r.eval.variants) | set(r.profile.variants):
-        if v not in ("dense", "context", "static", "random", "layerdrop"):
-            errs.append(f"eval/profile variants: unknown variant {v!r} (dense, context, static, random, layerdrop)")
+    for v in sorted(set(r.eval.variants) | set(r.profile.variants)):
+        if v not in VARIANTS:
+            errs.append(f"eval/profile variants: unknown variant {v!r} ({', '.join(VARIANTS)})")
+    if r.gates.train_dense_tuned and not r.gates.finetune_base:
+        errs.append("gates.train_dense_tuned: the dense reference is the base fine-tuned like the pruned variants; "
+                    "it needs gates.finetune_base: true")
+    for section, vs in (("eval", r.eval.variants), ("profile", r.profile.variants)):
+        if "dense_tuned" in vs and not r.gates.train_dense_tuned:
+            errs.append(f"{section}.variants: dense_tuned is trained only with gates.train_dense_tuned: true")
     for bs in r.profile.batch_sizes:
         if bs < 1:
             errs.append("profile.batch_sizes: must be positive")

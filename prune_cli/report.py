@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from prune_cli.recipe import VARIANTS
 from prune_cli.runs import atomic_write_text
 
 
@@ -152,7 +153,7 @@ def sweep_rows(sweep: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     rows = []
     for row in sweep["rows"]:
         label = ", ".join(f"{k}={v}" for k, v in row["point"].items())
-        for v in ("dense", "context", "static", "random", "layerdrop"):
+        for v in VARIANTS:
             if v in row:
                 d = row[v]
                 rows.append([label, v, _num(d.get("wer")), _num(d.get("bleu")), _num(d.get("chrf")),

@@ -158,8 +158,8 @@ class RunDir:
 
     def finetuned_ckpt_for(self, variant: str) -> Path:
         """Each learned variant fine-tunes its own copy of the base; `random`/`layerdrop` run on the context one."""
-        if variant == "static":
-            return self.path / "checkpoints" / "base_finetuned_static.pt"
+        if variant in ("static", "dense_tuned"):
+            return self.path / "checkpoints" / f"base_finetuned_{variant}.pt"
         return self.finetuned_ckpt
 
     @property

@@ -443,3 +443,37 @@ def test_sweep_point_relinks_a_retrained_parent_base_and_says_so(tmp_path: Path)
     fresh.replace(parent.checkpoints / "base.pt")  # how checkpoints are written: a new file renamed over the old
     assert _share_base(parent, child)
     assert (child.checkpoints / "base.pt").read_bytes() == b"retrained base"
+
+
+def test_dense_tuned_is_the_base_fine_tuned_alike_with_every_module_kept(
+        smoke_run: Path, smoke_corpus: list[str], tmp_path: Path) -> None:
+    from prune_cli.model.checkpoint import load_model
+
+    run_dir = tmp_path / "dt"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("sweep", "eval", "profile", "pruned"))
+    before = read_json(run_dir / "masks.json")
+    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(run_dir), "--stages", "gates,prune,eval", "--json",
+            "--quiet", "gates.train_dense_tuned=true", "eval.variants=[dense,dense_tuned,context,static]")
+    assert r.returncode == 0, r.stderr
+    masks = read_json(run_dir / "masks.json")
+    assert all(all(m) for m in masks["variants"]["dense_tuned"].values())
+    assert {st["sparsity_encoder"] + st["sparsity_decoder"] for st in masks["stats"]["dense_tuned"].values()} == {0.0}
+    # adding the reference leaves the pruned variants as they were
+    for v in ("context", "static"):
+        assert masks["variants"][v] == before["variants"][v]
+    assert masks["weights_hash"] == before["weights_hash"]  # the context-aware variant's fine-tuned base
+    assert masks["variant_weights"]["static"] == before["variant_weights"]["static"]
+    tuned, _ = load_model(run_dir / "checkpoints" / "base_finetuned_dense_tuned.pt")
+    base, _ = load_model(run_dir / "checkpoints" / "base.pt")
+    assert masks["variant_weights"]["dense_tuned"] == tuned.weights_hash() != base.weights_hash()
+    # the same phased schedule: the base learns only from the freeze step, under the sparsity of nothing skipped
+    recipe = load_recipe("ci_smoke")[0]
+    logs = [json.loads(line) for line in (run_dir / "logs" / "dense_tuned.jsonl").read_text().splitlines()]
+    steps = [row for row in logs if "lr_base" in row]
+    assert steps and all((row["lr_base"] > 0) == (row["step"] > recipe.gates.freeze_step) for row in steps)
+    assert not any("sparsity_loss" in row for row in logs)
+    ev = read_json(run_dir / "eval" / "summary.json")
+    assert set(ev["variants"]) == {"dense", "dense_tuned", "context", "static"}
+    pairs = {(p["a"], p["b"]) for p in ev["comparisons"]["pairs"]}
+    assert {("context", "dense_tuned"), ("static", "dense_tuned"), ("dense_tuned", "dense"), ("context", "static")} <= pairs
+    assert ("context", "dense_tuned") in pairs and ("dense_tuned", "context") not in pairs

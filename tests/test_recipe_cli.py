@@ -186,3 +186,14 @@ def test_model_summary_reports_params_and_flops_per_module() -> None:
     assert all(v > 0 for v in doc["per_module_flops"].values())
     assert sum(k["flops"] for k in doc["by_kind"].values()) == sum(doc["per_module_flops"].values())
     assert 0 < sum(k["params"] for k in doc["by_kind"].values()) < doc["params_total"]
+
+
+def test_dense_tuned_needs_its_training_and_a_fine_tuned_base() -> None:
+    with pytest.raises(UsageError) as e:
+        build_recipe(apply_overrides({}, ["eval.variants=[dense,dense_tuned,context]", "gates.train_dense_tuned=true"]))
+    assert e.value.problems == ["<recipe>: gates.train_dense_tuned: the dense reference is the base fine-tuned like the "
+                                "pruned variants; it needs gates.finetune_base: true"]
+    with pytest.raises(UsageError) as e:
+        build_recipe(apply_overrides({}, ["profile.variants=[dense,dense_tuned]"]))
+    assert e.value.problems == ["<recipe>: profile.variants: dense_tuned is trained only with gates.train_dense_tuned: true"]
+    build_recipe(apply_overrides({}, ["eval.variants=[dense_tuned]", "gates.train_dense_tuned=true", "gates.finetune_base=true"]))

@@ -22,10 +22,14 @@ METHOD = "paired bootstrap over utterances, stratified by context; 95% percentil
 
 
 def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
-    """Each pruned variant against dense, and the context-aware masks against each baseline."""
+    """Each variant against dense, each pruned one against dense_tuned (the dense copy fine-tuned alike), and the
+    context-aware masks against each baseline."""
+    references = ("dense", "dense_tuned")
     pairs = [(v, "dense") for v in variants if v != "dense" and "dense" in variants]
+    if "dense_tuned" in variants:
+        pairs += [(v, "dense_tuned") for v in variants if v not in references]
     if "context" in variants:
-        pairs += [("context", b) for b in variants if b not in ("dense", "context")]
+        pairs += [("context", b) for b in variants if b not in (*references, "context")]
     return pairs
 
 

@@ -55,7 +55,7 @@ def stage_base(s: Session) -> dict[str, Any]:
 def stage_gates(s: Session) -> dict[str, Any]:
     from prune_cli.engine.train import train_gates
 
-    _fresh_if_changed(s, "gates", ["gates", "static"])
+    _fresh_if_changed(s, "gates", ["gates", "static", "dense_tuned"])
     return train_gates(s)
 
 
@@ -64,7 +64,7 @@ def stage_prune(s: Session, materialize: bool | None = None) -> dict[str, Any]:
     from prune_cli.engine.prune import materialize as write_pruned
 
     mf = export_masks(s)
-    for v in mf.variants:
+    for v in (v for v in mf.variants if v != "dense_tuned"):  # keeps every module: nothing to draw
         plot_heatmap(mf, s.run.path / "plots" / f"masks_{v}.png", v)
     out: dict[str, Any] = {"masks": str(s.run.masks), "kept": kept_summary(mf), "stats": mf.stats,
                            "per_utterance": mf.per_utterance}
@@ -118,8 +118,9 @@ def reset_stage(s: Session, stage: str) -> None:
         for p in (s.run.checkpoints / "base", s.run.tokenizer_dir, s.run.cmvn, s.run.base_ckpt):
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     if stage == "gates":
-        for p in (s.run.checkpoints / "gates", s.run.checkpoints / "static", s.run.gates_ckpt,
-                  s.run.checkpoints / "static.pt", s.run.finetuned_ckpt, s.run.finetuned_ckpt_for("static")):
+        for p in (s.run.checkpoints / "gates", s.run.checkpoints / "static", s.run.checkpoints / "dense_tuned",
+                  s.run.gates_ckpt, s.run.checkpoints / "static.pt", s.run.finetuned_ckpt,
+                  s.run.finetuned_ckpt_for("static"), s.run.finetuned_ckpt_for("dense_tuned")):
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 

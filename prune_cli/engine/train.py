@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +94,7 @@ class BaseObjective(nn.Module):
 class GateObjective(nn.Module):
     """Task loss through hard-gated modules (Gumbel straight-through) + sparsity loss."""
 
-    def __init__(self, model: SpeechModel, predictor: GatePredictor, spec: SparsitySpec, session: Session,
+    def __init__(self, model: SpeechModel, predictor: GatePredictor | None, spec: SparsitySpec, session: Session,
                  speakers: list[str], total_steps: int, seed: int, calibrated: bool = False,
                  frozen_from: int | None = None, teacher: SpeechModel | None = None):
         super().__init__()
@@ -105,7 +105,10 @@ class GateObjective(nn.Module):
         self.calibrated, self.frozen_from = calibrated, frozen_from
 
     def gates(self, batch: Batch, step: int | None) -> torch.Tensor:
-        """(B, M) keep gates: Gumbel straight-through while the predictor learns, the exported masks otherwise."""
+        """(B, M) keep gates: Gumbel straight-through while the predictor learns, the exported masks otherwise;
+        every module kept without a predictor (the `dense_tuned` reference)."""
+        if self.predictor is None:
+            return torch.ones(len(batch.task), self.model.n_modules, device=batch.feats.device)
         ctx = ContextInputs.build(batch.task, batch.source_lang, batch.target_lang, batch.speaker,
                                   batch.feats, batch.feat_lens, self.speakers)
         logits = self.predictor(ctx)
@@ -137,6 +140,10 @@ class GateObjective(nn.Module):
         groups = None
         # The static baseline has one mask for every context, so it always takes the batch-mean loss: its numbers do
         # not move with sparsity_per, and the context-aware variants are compared with one fixed baseline.
+        if self.predictor is None:  # nothing is skipped, so there is no sparsity to steer
+            loss = task
+            logs = {k: float(v.detach()) for k, v in {"loss": loss, "task": task, **parts, "acc": acc}.items()}
+            return loss, logs
         if g.sparsity_per == "context" and self.predictor.inputs:
             ids: dict[tuple[str, str, str], int] = {}
             keys = zip(batch.task, batch.source_lang, batch.target_lang)
@@ -410,9 +417,11 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
     flops = module_flops(model, mean_frames, mean_tokens) if g.weighting == "flops" else None
     sparsity = SparsitySpec.build(model.modules_list, g.scope, {"encoder": g.target.encoder, "decoder": g.target.decoder}, flops)
     results: dict[str, dict[str, float]] = {}
-    variants = [("gates", list(g.inputs), s.run.gates_ckpt)]
+    variants: list[tuple[str, list[str] | None, Path | None]] = [("gates", list(g.inputs), s.run.gates_ckpt)]
     if g.train_static:
         variants.append(("static", [], s.run.checkpoints / "static.pt"))
+    if g.train_dense_tuned:  # no predictor: every module kept, the base fine-tuned as the others are
+        variants.append(("dense_tuned", None, None))
     for name, inputs, out_path in variants:
         seed_everything(seed + len(name))
         # With fine-tuning, each learned variant adapts its own copy of the base, on the same schedule and budget:
@@ -422,24 +431,33 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
             model = _load_base(s)
         for p in model.parameters():
             p.requires_grad_(joint)
-        predictor = build_predictor(r, model.n_modules, inputs, speakers).to(s.device)
-        log(f"{name}: predictor inputs {inputs or '(none: static)'}, {count_params(predictor)} parameters "
-            f"(base model {count_params(model)}), scope {g.scope}, targets {sparsity.targets}")
-        params = [{"params": list(predictor.parameters()), "lr": g.lr if inputs else g.static_lr}]
+        predictor = None if inputs is None else build_predictor(r, model.n_modules, inputs, speakers).to(s.device)
+        base_group = {"params": list(model.parameters()), "lr": g.base_lr, "name": "base"}
+        params: list[dict[str, Any]] = []
+        if predictor is not None:
+            log(f"{name}: predictor inputs {inputs or '(none: static)'}, {count_params(predictor)} parameters "
+                f"(base model {count_params(model)}), scope {g.scope}, targets {sparsity.targets}")
+            params.append({"params": list(predictor.parameters()), "lr": g.lr if inputs else g.static_lr})
+        else:
+            log(f"{name}: every module kept; the base fine-tuned on the gate stage's schedule (the fair dense reference)")
         if joint:
-            params.append({"params": list(model.parameters()), "lr": g.base_lr, "name": "base"})
+            params.append(base_group)
             if g.finetune_schedule == "phased":
-                params[0]["stop"] = params[1]["start"] = g.freeze_step
-        freeze = params[0].get("stop")  # phased: the step from which the predictor no longer learns
+                base_group["start"] = g.freeze_step
+                if predictor is not None:
+                    params[0]["stop"] = g.freeze_step
+        freeze = g.freeze_step if joint and g.finetune_schedule == "phased" else None
         obj = GateObjective(model, predictor, sparsity, s, speakers, g.steps, seed,
                             calibrated=exact_cut(r, bool(inputs)), frozen_from=freeze, teacher=teacher)
 
-        def train_mode(predictor: GatePredictor = predictor, joint: bool = joint) -> None:
-            predictor.train()
+        def train_mode(predictor: GatePredictor | None = predictor, joint: bool = joint) -> None:
+            if predictor is not None:
+                predictor.train()
             model.train(joint)
 
-        def eval_mode(predictor: GatePredictor = predictor) -> None:
-            predictor.eval()
+        def eval_mode(predictor: GatePredictor | None = predictor) -> None:
+            if predictor is not None:
+                predictor.eval()
             model.eval()
 
         # The context-aware predictor's thresholds are calibrated when it stops learning: at the freeze point of
@@ -448,11 +466,11 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
         if g.calibrate and inputs and not exact_cut(r, True):
             calibrate_at = freeze if joint else g.steps  # joint without phases never freezes: freeze is None
 
-        def before_step(step: int, predictor: GatePredictor = predictor, at: int | None = calibrate_at) -> None:
-            if step == at:
+        def before_step(step: int, predictor: GatePredictor | None = predictor, at: int | None = calibrate_at) -> None:
+            if step == at and predictor is not None:
                 calibrate_thresholds(s, predictor, sparsity, train, speakers, step)
 
-        state = {"predictor": predictor} | ({"model": model} if joint else {})
+        state = ({"predictor": predictor} if predictor is not None else {}) | ({"model": model} if joint else {})
         spec = LoopSpec(
             name=name, objective=obj, params=params, steps=g.steps, warmup=min(50, g.steps // 10 + 1),
             val_every=g.val_every, save_every=g.save_every, log_every=g.log_every, keep_best=0, clip=r.base.clip,
@@ -460,14 +478,15 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
             before_step=before_step, seed=seed,
         )
         metrics = run_loop(spec, train, dev, s)
-        if calibrate_at == g.steps:  # frozen base: after the last step (idempotent on a resumed, finished run)
+        if calibrate_at == g.steps and predictor is not None:  # frozen base: after the last step (idempotent on resume)
             calibrate_thresholds(s, predictor, sparsity, train, speakers, g.steps)
         if s.dist.is_main:
-            atomic_torch_save(out_path, {
-                "kind": "prune-cli/gates", "inputs": inputs, "speakers": speakers, "n_modules": model.n_modules,
-                "state_dict": predictor.state_dict(), "scope": g.scope, "targets": sparsity.targets,
-                "module_flops": flops, "params": count_params(predictor),
-            })
+            if predictor is not None and out_path is not None:
+                atomic_torch_save(out_path, {
+                    "kind": "prune-cli/gates", "inputs": inputs, "speakers": speakers, "n_modules": model.n_modules,
+                    "state_dict": predictor.state_dict(), "scope": g.scope, "targets": sparsity.targets,
+                    "module_flops": flops, "params": count_params(predictor),
+                })
             if joint:
                 save_model(s.run.finetuned_ckpt_for("context" if name == "gates" else name), model.cpu())
                 model.to(s.device)
