@@ -43,14 +43,17 @@ def print_cost(ev: dict, pr: dict) -> None:
         print(f"| {v} | {avg.get('wer', float('nan')):.2f} | {avg.get('bleu', float('nan')):.2f} | {d['sparsity']:.3f} "
               f"| {d['flops']['total'] / 1e9:.3f} | {r.get('flops', 1.0):.3f} | {d['latency_ms']['median']:.2f} "
               f"| {r.get('latency', 1.0):.3f} | {per_bs} |")
-    dense = ev["averages"].get("dense", {})
+    # dense_tuned (when evaluated) is the dense copy fine-tuned like the pruned variants: the fair reference
+    refs = {name: ev["averages"][name] for name in ("dense", "dense_tuned") if name in ev["averages"]}
     for v, r in pr["ratios"].items():
         flops_cut, lat_cut = 1 - r["flops"], 1 - r["latency"]
         track = lat_cut / flops_cut if flops_cut > 0 else float("nan")
         avg = ev["averages"].get(v, {})
-        cost = ", ".join(f"{m.upper()} {avg[m] - dense[m]:+.2f}" for m in ("wer", "bleu") if m in avg and m in dense)
+        costs = [f"quality vs {name}: " + ", ".join(f"{m.upper()} {avg[m] - ref[m]:+.2f}" for m in ("wer", "bleu")
+                                                    if m in avg and m in ref)
+                 for name, ref in refs.items() if name != v and any(m in avg and m in ref for m in ("wer", "bleu"))]
         print(f"{v}: FLOPs -{100 * flops_cut:.1f}%, latency -{100 * lat_cut:.1f}% (latency cut / FLOPs cut = {track:.2f})"
-              + (f"; quality vs dense: {cost}" if cost else ""))
+              + "".join(f"; {c}" for c in costs))
 
 
 def print_mask_structure(masks: dict) -> None:
