@@ -137,13 +137,12 @@ class GateObjective(nn.Module):
             parts["distill"] = distill_loss(logits, teacher_logits, batch)
             task = task + g.distill * parts["distill"]
         warm = 1.0 if step is None else min(1.0, (step + 1) / max(1, g.target_warmup_steps))
+        if self.predictor is None:  # nothing is skipped, so there is no sparsity to steer
+            logs = {k: float(v.detach()) for k, v in {"loss": task, "task": task, **parts, "acc": acc}.items()}
+            return task, logs
         groups = None
         # The static baseline has one mask for every context, so it always takes the batch-mean loss: its numbers do
         # not move with sparsity_per, and the context-aware variants are compared with one fixed baseline.
-        if self.predictor is None:  # nothing is skipped, so there is no sparsity to steer
-            loss = task
-            logs = {k: float(v.detach()) for k, v in {"loss": loss, "task": task, **parts, "acc": acc}.items()}
-            return loss, logs
         if g.sparsity_per == "context" and self.predictor.inputs:
             ids: dict[tuple[str, str, str], int] = {}
             keys = zip(batch.task, batch.source_lang, batch.target_lang)
