@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -354,8 +355,14 @@ def sweep_point_raw(raw: dict[str, Any], point: dict[str, Any]) -> dict[str, Any
 
 
 def point_label(point: dict[str, Any]) -> str:
-    """A sweep point as key=value pairs, e.g. the name of its run directory."""
-    return ",".join(f"{k}={v}" for k, v in point.items())
+    """A sweep point as key=value pairs, also the name of its run directory: no spaces, quotes or brackets
+    (lists join with +, booleans as in YAML)."""
+    def text(v: Any) -> str:
+        if isinstance(v, list):
+            return "+".join(text(x) for x in v)
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(f"{k}={text(v)}" for k, v in point.items()))
 
 
 # ---------------------------------------------------------------- validation

@@ -178,6 +178,15 @@ def test_parse_sweep_makes_one_typed_point_per_value() -> None:
         parse_sweep("gates.target.decoder")
 
 
+def test_sweep_point_label_is_a_shell_safe_directory_name() -> None:
+    from prune_cli.recipe import point_label
+
+    point = {"gates.target.encoder": 0.75, "gates.train_dense_tuned": False, "eval.variants": ["dense", "context"],
+             "name": "a b'c"}
+    assert point_label(point) == ("gates.target.encoder=0.75,gates.train_dense_tuned=false,eval.variants=dense+context,"
+                                  "name=a_b_c")
+
+
 def test_model_summary_reports_params_and_flops_per_module() -> None:
     r = cli("model", "summary", "ci_smoke", "--frames", "200", "--json")
     assert r.returncode == 0, r.stderr
