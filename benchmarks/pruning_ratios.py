@@ -49,11 +49,12 @@ def print_cost(ev: dict, pr: dict) -> None:
         flops_cut, lat_cut = 1 - r["flops"], 1 - r["latency"]
         track = lat_cut / flops_cut if flops_cut > 0 else float("nan")
         avg = ev["averages"].get(v, {})
-        costs = [f"quality vs {name}: " + ", ".join(f"{m.upper()} {avg[m] - ref[m]:+.2f}" for m in ("wer", "bleu")
-                                                    if m in avg and m in ref)
-                 for name, ref in refs.items() if name != v and any(m in avg and m in ref for m in ("wer", "bleu"))]
-        print(f"{v}: FLOPs -{100 * flops_cut:.1f}%, latency -{100 * lat_cut:.1f}% (latency cut / FLOPs cut = {track:.2f})"
-              + "".join(f"; {c}" for c in costs))
+        line = f"{v}: FLOPs -{100 * flops_cut:.1f}%, latency -{100 * lat_cut:.1f}% (latency cut / FLOPs cut = {track:.2f})"
+        for name, ref in refs.items():
+            diffs = ", ".join(f"{m.upper()} {avg[m] - ref[m]:+.2f}" for m in ("wer", "bleu") if m in avg and m in ref)
+            if name != v and diffs:
+                line += f"; quality vs {name}: {diffs}"
+        print(line)
 
 
 def print_mask_structure(masks: dict) -> None:

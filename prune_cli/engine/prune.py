@@ -57,7 +57,7 @@ def export_masks(s: Session) -> MaskFile:
     if (s.run.checkpoints / "static.pt").is_file():
         variants["static"] = _masks_for_contexts(s, s.predictor("static"), spec, [train, test], contexts, speakers,
                                                  exact=exact_cut(s.recipe, False))
-    if s.recipe.gates.train_dense_tuned and s.recipe.gates.finetune_base:  # every module kept, on its own base
+    if s.recipe.gates.train_dense_tuned:  # every module kept, on its own base (the recipe check ensured finetune_base)
         variants["dense_tuned"] = {c: [1] * model.n_modules for c in contexts}
     if "random" in s.recipe.prune.baselines:
         m = random_mask(model.modules_list, targets, s.recipe.seed)
