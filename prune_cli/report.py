@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from prune_cli.recipe import VARIANTS
+from prune_cli.recipe import VARIANTS, point_label
 from prune_cli.runs import atomic_write_text
 
 
@@ -152,7 +152,7 @@ def sweep_rows(sweep: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """One row per sweep point and variant: averages, sparsity, FLOPs and latency ratios."""
     rows = []
     for row in sweep["rows"]:
-        label = ", ".join(f"{k}={v}" for k, v in row["point"].items())
+        label = point_label(row["point"])  # the point's run directory under sweep/
         for v in VARIANTS:
             if v in row:
                 d = row[v]
