@@ -143,6 +143,10 @@ class GatesConfig:
     # (and those the base adapts to when phased) skip exactly the target share by the context's own ranking.
     # The static baseline (one mask for all contexts) takes the batch-mean loss either way.
     sparsity_per: Literal["batch", "context"] = "batch"
+    # Every deployed mask (context-aware and static; exported, and trained under once the predictor is frozen) keeps at
+    # least this many decoder cross-attentions, trading them for the decoder's other modules at the same module
+    # count. Without one the decoder never sees the audio. 0: masks as the gates chose them.
+    min_cross_attention: int = 1
     alpha: float = 5.0
     target_warmup_steps: int = 200
     tau_start: float = 1.0
@@ -487,6 +491,9 @@ def _semantic_checks(r: Recipe) -> list[str]:
     for bs in r.profile.batch_sizes:
         if bs < 1:
             errs.append("profile.batch_sizes: must be positive")
+    if not 0 <= r.gates.min_cross_attention <= r.model.dec_layers:
+        errs.append(f"gates.min_cross_attention: must be in [0, model.dec_layers={r.model.dec_layers}], "
+                    f"got {r.gates.min_cross_attention}")
     if not 0.0 < r.gates.predictor_share < 1.0:
         errs.append(f"gates.predictor_share: must be in (0, 1), got {r.gates.predictor_share}")
     elif r.gates.finetune_base and r.gates.finetune_schedule == "phased" and \

@@ -157,6 +157,39 @@ def test_exact_sparsity_calibration_hits_target_in_training_units() -> None:
     assert torch.equal(exact_sparsity_gates(logits[:1], agree_spec)[0, 12:], agree[0, 12:])
 
 
+def test_cross_attention_floor_trades_a_module_and_keeps_the_sparsity() -> None:
+    from prune_cli.gating.sparsity import keep_cross_attention
+
+    model = SpeechModel(DIMS)  # 3 encoder layers x 4 modules, then 4 decoder layers x (self_attn, src_attn, ffn)
+    names = [m.name for m in model.modules_list]
+    cross = [names.index(f"decoder.{i}.src_attn") for i in range(4)]
+    spec = SparsitySpec.build(model.modules_list, "both", {"encoder": 0.25, "decoder": 0.75}, None, 1)
+    logits = torch.zeros(3, model.n_modules, 2)
+    margin = torch.arange(model.n_modules, dtype=torch.float) / 10  # skip margin: later modules rank higher
+    logits[..., 0] = margin
+    keep = torch.ones(3, model.n_modules)
+    keep[0, 12:] = 0
+    keep[0, names.index("decoder.0.ffn")] = keep[0, names.index("decoder.1.self_attn")] = 1  # no cross-attention
+    keep[1, 12:21] = 0  # keeps decoder.3.*, among them a cross-attention: left alone
+    keep[2, 12:] = 0  # keeps no decoder module at all: the cross-attention comes back at no other's expense
+    out = keep_cross_attention(keep, logits, spec)
+    # row 0: the cross-attention with the smallest skip margin (layer 0) returns and the kept module of another kind
+    # with the largest skip margin (decoder.1.self_attn) goes, so the decoder still skips 10 of 12
+    want = keep[0].clone()
+    want[cross[0]], want[names.index("decoder.1.self_attn")] = 1, 0
+    assert torch.equal(out[0], want)
+    assert torch.equal(spec.sparsity(out[:1])["decoder"], spec.sparsity(keep[:1])["decoder"])
+    assert torch.equal(out[1], keep[1])
+    assert out[2, cross].tolist() == [1, 0, 0, 0] and int(out[2, 12:].sum()) == 1
+    # with the floor at 0 (the paper's masks, and mask files from before it) nothing changes
+    spec.min_cross_attention = 0
+    assert torch.equal(keep_cross_attention(keep, logits, spec), keep)
+    # two required: row 0 gets layers 0 and 1 back and gives up its two other decoder modules
+    spec.min_cross_attention = 2
+    two = keep_cross_attention(keep, logits, spec)
+    assert two[0, cross].tolist() == [1, 1, 0, 0] and int(two[0, 12:].sum()) == 2
+
+
 def test_gates_switch_to_the_exported_masks_once_the_predictor_is_frozen(tmp_path: Path) -> None:
     from prune_cli.data.batching import Batch
     from prune_cli.engine.session import Session

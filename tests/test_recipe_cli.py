@@ -77,6 +77,9 @@ def test_semantic_checks() -> None:
     assert e.value.problems == ["<recipe>: eval.ctc_weight: joint CTC/attention decoding is a beam "
                                 "search; set eval.beam_size >= 2 (or ctc_weight 0)"]
     build_recipe(apply_overrides({}, ["eval.ctc_weight=0.3", "eval.beam_size=4"]))
+    with pytest.raises(UsageError) as e:
+        build_recipe(apply_overrides({}, ["gates.min_cross_attention=5"]))  # the default decoder has 4 layers
+    assert e.value.problems == ["<recipe>: gates.min_cross_attention: must be in [0, model.dec_layers=4], got 5"]
 
 
 def test_validate_exits_2_with_close_match(tmp_path: Path) -> None:

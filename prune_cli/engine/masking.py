@@ -11,8 +11,8 @@ from prune_cli.data.batching import Split
 from prune_cli.data.features import apply_cmvn
 from prune_cli.engine.session import Session
 from prune_cli.gating.masks import MaskFile
-from prune_cli.gating.predictor import ContextInputs, GatePredictor, deterministic_gates
-from prune_cli.gating.sparsity import SparsitySpec, exact_sparsity_gates
+from prune_cli.gating.predictor import ContextInputs, GatePredictor
+from prune_cli.gating.sparsity import SparsitySpec
 from prune_cli.model.s2t import SpeechModel
 from prune_cli.recipe import Recipe
 
@@ -35,8 +35,7 @@ def predict_keep(
         ctx = ContextInputs.build([u.task for u in us], [u.source_lang for u in us], [u.target_lang for u in us],
                                   [u.speaker for u in us], x, lens, speakers)
         logits = predictor(ctx)
-        gates = exact_sparsity_gates(logits, spec) if exact else deterministic_gates(logits)
-        keep = spec.force_ungated(gates).bool().cpu()
+        keep = spec.deployed_gates(logits, exact).bool().cpu()
         out += [tuple(row.tolist()) for row in keep]
     return out
 
@@ -63,7 +62,8 @@ def utterance_patterns(
 
 
 def spec_from_masks(model: SpeechModel, masks: MaskFile) -> SparsitySpec:
-    return SparsitySpec.for_targets(model.modules_list, masks.meta.get("targets", {}), None)
+    return SparsitySpec.for_targets(model.modules_list, masks.meta.get("targets", {}), None,
+                                    masks.meta.get("min_cross_attention", 0))
 
 
 def group_by_pattern(split: Split, idx: Sequence[int], patterns: Sequence[Keep | None]) -> dict[tuple[str, Keep | None], list[int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ def export_masks(s: Session) -> MaskFile:
     ctx_ckpt = read_checkpoint(s.run.gates_ckpt, "prune-cli/gates", "prune-cli train RECIPE --stage gates")
     targets: dict[str, float] = ctx_ckpt["targets"]
     # Same weighting as training (module count, or FLOPs), so calibrated masks hit the target in the same units.
-    spec = SparsitySpec.for_targets(model.modules_list, targets, ctx_ckpt["module_flops"])
+    floor = ctx_ckpt.get("min_cross_attention", 0)  # gate checkpoints from before the floor have none
+    spec = SparsitySpec.for_targets(model.modules_list, targets, ctx_ckpt["module_flops"], floor)
     speakers = ctx_ckpt["speakers"]
     mean_frames = int(sum(f.shape[0] for f in train.feats) / len(train))
     flops = ctx_ckpt["module_flops"] or module_flops(model, mean_frames, 12)
@@ -53,10 +55,19 @@ def export_masks(s: Session) -> MaskFile:
     pred = s.predictor("context")
     per_utt = pred.per_utterance
     context_exact = exact_cut(s.recipe, True)
-    variants["context"] = _masks_for_contexts(s, pred, spec, [train, test], contexts, speakers, exact=context_exact)
+    learned = {"context": (pred, context_exact)}
     if (s.run.checkpoints / "static.pt").is_file():
-        variants["static"] = _masks_for_contexts(s, s.predictor("static"), spec, [train, test], contexts, speakers,
-                                                 exact=exact_cut(s.recipe, False))
+        learned["static"] = (s.predictor("static"), exact_cut(s.recipe, False))
+    restored: dict[str, list[str]] = {}  # variant -> contexts whose chosen mask had too few cross-attentions
+    for name, (predictor, exact) in learned.items():
+        variants[name] = _masks_for_contexts(s, predictor, spec, [train, test], contexts, speakers, exact)
+        if floor:
+            chosen = _masks_for_contexts(s, predictor, replace(spec, min_cross_attention=0), [train, test], contexts,
+                                         speakers, exact)
+            restored[name] = [c for c in contexts if chosen[c] != variants[name][c]]
+            if restored[name]:
+                log(f"masks: {name}: gates.min_cross_attention={floor} restored cross-attention in "
+                    f"{', '.join(restored[name])}")
     if s.recipe.gates.train_dense_tuned:  # every module kept, on its own base (the recipe check ensured finetune_base)
         variants["dense_tuned"] = {c: [1] * model.n_modules for c in contexts}
     if "random" in s.recipe.prune.baselines:
@@ -72,7 +83,8 @@ def export_masks(s: Session) -> MaskFile:
         variants=variants, stats=stats, per_utterance=per_utt, variant_weights=own_base,
         meta={"targets": targets, "scope": ctx_ckpt["scope"], "speakers": speakers, "module_flops": flops,
               "reference_utterance": {"frames": mean_frames, "tokens": 12}, "recipe_hash": s.run.stage_hash("prune"),
-              "context_exact_cut": context_exact},
+              "context_exact_cut": context_exact, "min_cross_attention": floor,
+              "cross_attention_restored": restored},
     )
     mf.save(s.run.masks)
     log(f"masks: {len(contexts)} contexts x {len(variants)} variants -> {s.run.masks}")

@@ -23,7 +23,7 @@ from prune_cli.data.features import spec_augment
 from prune_cli.engine.masking import exact_cut
 from prune_cli.engine.session import Session, build_predictor, init_distributed
 from prune_cli.gating.predictor import ContextInputs, GatePredictor, deterministic_gates, gumbel_straight_through, tau_at
-from prune_cli.gating.sparsity import SparsitySpec, calibration_shift, exact_sparsity_gates
+from prune_cli.gating.sparsity import SparsitySpec, calibration_shift
 from prune_cli.model.checkpoint import load_model, save_model
 from prune_cli.model.flops import count_flops, per_module_flops
 from prune_cli.model.s2t import SpeechModel, count_params, dims_from_recipe
@@ -116,11 +116,10 @@ class GateObjective(nn.Module):
         # Evaluation, and training once the predictor is frozen (phased fine-tuning), use the masks prune exports,
         # so the base adapts to exactly the masks it will be deployed with.
         if step is None or (self.frozen_from is not None and step >= self.frozen_from):
-            keep = exact_sparsity_gates(logits, self.spec) if self.calibrated else deterministic_gates(logits)
-        else:
-            tau = tau_at(step, self.total, g.tau_start, g.tau_end)
-            keep = gumbel_straight_through(logits, tau, derived_generator(self.seed, GUMBEL_SALT, step),
-                                           noise_scale=tau / g.tau_start)
+            return self.spec.deployed_gates(logits, exact=self.calibrated)
+        tau = tau_at(step, self.total, g.tau_start, g.tau_end)
+        keep = gumbel_straight_through(logits, tau, derived_generator(self.seed, GUMBEL_SALT, step),
+                                       noise_scale=tau / g.tau_start)
         return self.spec.force_ungated(keep)
 
     def forward(self, batch: Batch, step: int | None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -414,7 +413,8 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
     mean_frames = int(sum(f.shape[0] for f in train.feats) / len(train))
     mean_tokens = int(sum(len(s.tokenizer.encode(u.text)) for u in train.utts[:2000]) / min(2000, len(train))) + 5
     flops = module_flops(model, mean_frames, mean_tokens) if g.weighting == "flops" else None
-    sparsity = SparsitySpec.build(model.modules_list, g.scope, {"encoder": g.target.encoder, "decoder": g.target.decoder}, flops)
+    sparsity = SparsitySpec.build(model.modules_list, g.scope, {"encoder": g.target.encoder, "decoder": g.target.decoder},
+                                  flops, g.min_cross_attention)
     results: dict[str, dict[str, float]] = {}
     variants: list[tuple[str, list[str] | None, Path | None]] = [("gates", list(g.inputs), s.run.gates_ckpt)]
     if g.train_static:
@@ -485,6 +485,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
                     "kind": "prune-cli/gates", "inputs": inputs, "speakers": speakers, "n_modules": model.n_modules,
                     "state_dict": predictor.state_dict(), "scope": g.scope, "targets": sparsity.targets,
                     "module_flops": flops, "params": count_params(predictor),
+                    "min_cross_attention": g.min_cross_attention,
                 })
             if joint:
                 save_model(s.run.finetuned_ckpt_for("context" if name == "gates" else name), model.cpu())
