@@ -51,8 +51,10 @@ def print_cost(ev: dict, pr: dict) -> None:
         avg = ev["averages"].get(v, {})
         line = f"{v}: FLOPs -{100 * flops_cut:.1f}%, latency -{100 * lat_cut:.1f}% (latency cut / FLOPs cut = {track:.2f})"
         for name, ref in refs.items():
+            if name == v:
+                continue
             diffs = ", ".join(f"{m.upper()} {avg[m] - ref[m]:+.2f}" for m in ("wer", "bleu") if m in avg and m in ref)
-            if name != v and diffs:
+            if diffs:
                 line += f"; quality vs {name}: {diffs}"
         print(line)
 
@@ -73,6 +75,9 @@ def print_mask_structure(masks: dict) -> None:
                     for part in ("encoder", "decoder")}
         print(f"{v} masks: mean sparsity enc / dec " + ", ".join(f"{t} {x}" for t, x in by_task.items())
               + f"; distinct masks: encoder {distinct['encoder']}, decoder {distinct['decoder']} of {len(table)} contexts")
+        restored = masks.get("meta", {}).get("cross_attention_restored", {}).get(v)
+        if restored:
+            print(f"  gates.min_cross_attention restored cross-attention in {', '.join(restored)}")
         if v != "context":  # which kinds of module ASR and ST contexts give up, e.g. ST keeping more cross-attention
             continue
         for task, ctxs in rows_by_task.items():

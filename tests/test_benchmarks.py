@@ -29,6 +29,10 @@ def test_mask_structure_counts_distinct_masks_and_skips_by_task_and_kind(capsys:
     # asr: cross-attention skipped 2 + 1 times over 2 contexts, self-attention 0 + 1; st: one self-attention
     assert out[1] == "  asr contexts, modules skipped per context by kind: decoder.self_attn 0.50, decoder.src_attn 1.50, encoder.attn 1.00"
     assert out[2] == "  st contexts, modules skipped per context by kind: decoder.self_attn 1.00, encoder.attn 1.00"
+    meta = {"cross_attention_restored": {"context": ["asr:de"], "static": []}}
+    _script().print_mask_structure({"modules": modules, "variants": {"context": context}, "stats": {"context": stats},
+                                    "meta": meta})
+    assert capsys.readouterr().out.splitlines()[1] == "  gates.min_cross_attention restored cross-attention in asr:de"
 
 
 def test_results_script_prints_quality_cost_and_the_bootstrap_intervals(smoke_run: Path,
