@@ -44,6 +44,10 @@ def test_run_writes_every_stage_output(smoke_run: Path) -> None:
     masks = read_json(smoke_run / "masks.json")
     assert set(masks["variants"]) == {"context", "static", "random", "layerdrop"}
     assert len(masks["masks"]) == 11 and all(len(v) == len(masks["modules"]) for v in masks["masks"].values())
+    # the cross-attention floor (on by default) holds in every learned mask, and masks.json says what it changed
+    cross = [i for i, name in enumerate(masks["modules"]) if name.endswith(".src_attn")]
+    assert masks["meta"]["min_cross_attention"] == 1 and set(masks["meta"]["cross_attention_restored"]) == {"context", "static"}
+    assert all(sum(keep[i] for i in cross) >= 1 for v in ("context", "static") for keep in masks["variants"][v].values())
     report = (smoke_run / "report.md").read_text()
     assert "## Quality" in report and "## Cost" in report and "prune-cli train" in report
 
