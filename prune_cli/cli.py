@@ -277,18 +277,28 @@ def compare(
     b: Annotated[str, typer.Argument(help="RUN_DIR[:VARIANT] to compare against (variant default: a's).", show_default=False)],
     samples: Annotated[int, typer.Option(help="Bootstrap resamples.", min=1)] = 1000,
     seed: Annotated[Optional[int], typer.Option(help="Bootstrap seed (default: the seed in a's config.yaml).")] = None,
+    replicate: Annotated[Optional[list[Path]], typer.Option(
+        "--replicate", "-r", help="Another RUN_DIR holding both variants (e.g. another gate seed) in which the "
+        "comparison is repeated; the differences are also averaged over the runs. Repeatable.")] = None,
     json_out: JsonOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Paired bootstrap of one evaluated variant against another, across two runs on the same test set (e.g. a
-    recipe change against the run it changed): the difference of each averaged metric, its 95% interval and p."""
+    recipe change against the run it changed): the difference of each averaged metric, its 95% interval and p.
+    With --replicate, the same comparison in further runs and its mean over all of them."""
     with guarded(debug, json_out):
         from prune_cli.engine.compare import compare_runs, parse_run_variant
-        from prune_cli.report import comparison_table, print_table
+        from prune_cli.report import comparison_table, print_table, replicated_table
 
         run_a, var_a = parse_run_variant(a, "context")
         run_b, var_b = parse_run_variant(b, var_a)
-        out = compare_runs((run_a, var_a), (run_b, var_b), samples, seed)
-        emit(out, json_out, lambda: print_table(comparison_table(out), False))
+        out = compare_runs((run_a, var_a), (run_b, var_b), samples, seed, replicate or [])
+
+        def show() -> None:
+            print_table(comparison_table(out), False)
+            if "replicated" in out:
+                print_table(replicated_table(out), False)
+
+        emit(out, json_out, show)
 
 
 # ---------------------------------------------------------------- recipes

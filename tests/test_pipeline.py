@@ -229,6 +229,51 @@ def test_compare_across_runs_repeats_evals_bootstrap_and_rejects_another_test_se
     assert r.returncode == 1 and "utterances.jsonl: missing" in r.stderr
 
 
+def test_compare_replicated_over_runs_averages_each_runs_difference(tmp_path: Path, smoke_run: Path) -> None:
+    ev = read_json(smoke_run / "eval" / "summary.json")
+    rows = [json.loads(x) for x in (smoke_run / "eval" / "utterances.jsonl").read_text(encoding="utf-8").splitlines()]
+
+    def replicate(name: str, keep=lambda r: True, oracle: str | None = None) -> Path:  # noqa: ANN001
+        path = tmp_path / name / "eval" / "utterances.jsonl"
+        path.parent.mkdir(parents=True)
+        out = [r | {"hyp": r["ref"]} if r["variant"] == oracle else r for r in rows if keep(r)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in out), encoding="utf-8")
+        return path.parent.parent
+
+    same, perfect = replicate("same"), replicate("perfect", oracle="context")  # a second seed; a perfect context
+    n = ev["comparisons"]["samples"]
+    r = cli("compare", f"{smoke_run}:context", f"{smoke_run}:static", "-r", str(same), "--replicate", str(perfect),
+            "--samples", str(n), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    first = next(p for p in ev["comparisons"]["pairs"] if (p["a"], p["b"]) == ("context", "static"))
+    assert doc["comparisons"]["pairs"][0]["metrics"] == first["metrics"]  # run a's own comparison, as eval drew it
+    rep = doc["replicated"]
+    assert rep["runs"] == 3 and doc["replicates"] == [str(same), str(perfect)]
+    wer = rep["metrics"]["wer"]
+    static_wer = ev["averages"]["static"]["wer"]
+    d0 = first["metrics"]["wer"]["diff"]
+    assert wer["per_run"][:2] == [d0, d0] and wer["per_run"][2] == pytest.approx(-static_wer, abs=2e-3)
+    assert wer["diff"] == pytest.approx((2 * d0 - static_wer) / 3, abs=2e-3)
+    assert wer["a"] == pytest.approx((2 * ev["averages"]["context"]["wer"]) / 3, abs=2e-3) and wer["b"] == pytest.approx(static_wer, abs=2e-3)
+    assert wer["a_better_runs"] == 2 * (d0 < 0) + 1
+    # Resampling the runs as well reaches the all-perfect draw: the interval reaches further down than over
+    # utterances alone, where every resample averages the three runs.
+    assert wer["ci95_runs"][0] < wer["ci95"][0] and 0 < wer["p_runs"] <= 1
+    r = cli("compare", f"{smoke_run}:context", f"{smoke_run}:static", "-r", str(same), "-r", str(perfect), "--samples", "50")
+    assert r.returncode == 0 and "context vs static, mean over 3 runs" in r.stdout, r.stderr
+
+    no_static = replicate("no_static", keep=lambda r: r["variant"] != "static")
+    dropped = next(r for r in rows if r["variant"] == "static")
+    shorter = replicate("shorter", keep=lambda r: r is not dropped)
+    r = cli("compare", f"{smoke_run}:context", f"{smoke_run}:static", "-r", str(no_static), "-r", str(smoke_run))
+    assert r.returncode == 2 and f"{smoke_run}:context given twice" in r.stderr, r.stderr
+    r = cli("compare", f"{smoke_run}:context", f"{smoke_run}:static", "-r", str(no_static))
+    assert r.returncode == 2 and "no eval of variant 'static' (evaluated: context, dense)" in r.stderr
+    r = cli("compare", f"{smoke_run}:context", f"{smoke_run}:static", "-r", str(shorter))
+    assert r.returncode == 2 and f"not the same test set: context {dropped['context']}: 1 utterance(s) only in {smoke_run}" in r.stderr
+
+
 def test_quality_gate_exit_code_and_json_purity(smoke_run: Path, smoke_corpus: list[str]) -> None:
     r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--variants", "dense",
             "--contexts", "asr:en,st:de-en", "--max-wer", "-1", "--json")

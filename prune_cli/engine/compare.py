@@ -19,6 +19,8 @@ from prune_cli.engine.metrics import LOWER_IS_BETTER, bleu_measurable, score_row
 from prune_cli.errors import MissingInputError, UsageError
 
 METHOD = "paired bootstrap over utterances, stratified by context; 95% percentile interval; p two-sided"
+REPLICATED_METHOD = ("the mean over runs of a - b; paired bootstrap over utterances (ci95, p), and over runs and "
+                     "utterances (ci95_runs, p_runs); 95% percentile intervals; p two-sided")
 
 
 def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
@@ -33,15 +35,13 @@ def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def paired_bootstrap(
+def _resampled_averages(
     tasks: Mapping[str, str], refs: Mapping[str, Sequence[str]], hyps: Mapping[str, Mapping[str, Sequence[str]]],
-    pairs: Sequence[tuple[str, str]], n_samples: int, seed: int, bleu_unscorable: AbstractSet[str],
-) -> dict[str, Any]:
-    """tasks/refs: per context; hyps: per variant, per context. Returns the difference a - b of each averaged metric
-    (BLEU, as in eval's averages, only over contexts outside `bleu_unscorable`)."""
+    variants: Sequence[str], n_samples: int, seed: int, bleu_unscorable: AbstractSet[str],
+) -> dict[tuple[str, str], tuple[float, np.ndarray]]:
+    """(variant, metric) -> (observed average over contexts, (n_samples,) resampled averages). Every variant sees
+    the same draw of each context's utterances: the resamples are paired."""
     rng = np.random.default_rng([seed, 0x5EED])
-    variants = sorted({v for p in pairs for v in p})
-    # (variant, metric) -> per-context arrays of (observed, resampled scores)
     per_ctx: dict[tuple[str, str], list[tuple[float, np.ndarray]]] = {}
     for ctx in sorted(tasks):
         n = len(refs[ctx])
@@ -50,22 +50,71 @@ def paired_bootstrap(
             for metric, st in utterance_stats(tasks[ctx], refs[ctx], hyps[v][ctx], ctx not in bleu_unscorable).items():
                 observed = float(score_rows(metric, st.sum(0, keepdims=True))[0])
                 per_ctx.setdefault((v, metric), []).append((observed, score_rows(metric, st[draw].sum(1))))
+    return {key: (float(np.mean([o for o, _ in rows])), np.mean([s for _, s in rows], 0)) for key, rows in per_ctx.items()}
+
+
+def _two_sided_p(diff: np.ndarray) -> float:
+    """Twice the share of resamples on the far side of 0, never below 2 / (n + 1)."""
+    return min(1.0, 2 * (min(int(np.sum(diff <= 0)), int(np.sum(diff >= 0))) + 1) / (len(diff) + 1))
+
+
+def _interval(diff: np.ndarray) -> list[float]:
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    return [round(float(lo), 3), round(float(hi), 3)]
+
+
+def paired_bootstrap(
+    tasks: Mapping[str, str], refs: Mapping[str, Sequence[str]], hyps: Mapping[str, Mapping[str, Sequence[str]]],
+    pairs: Sequence[tuple[str, str]], n_samples: int, seed: int, bleu_unscorable: AbstractSet[str],
+) -> dict[str, Any]:
+    """tasks/refs: per context; hyps: per variant, per context. Returns the difference a - b of each averaged metric
+    (BLEU, as in eval's averages, only over contexts outside `bleu_unscorable`)."""
+    variants = sorted({v for p in pairs for v in p})
+    avg = _resampled_averages(tasks, refs, hyps, variants, n_samples, seed, bleu_unscorable)
     out: list[dict[str, Any]] = []
     for a, b in pairs:
         metrics: dict[str, Any] = {}
-        for metric in sorted({m for (v, m) in per_ctx if v == a}):
-            obs_a = float(np.mean([o for o, _ in per_ctx[(a, metric)]]))
-            obs_b = float(np.mean([o for o, _ in per_ctx[(b, metric)]]))
-            diff = np.mean([s for _, s in per_ctx[(a, metric)]], 0) - np.mean([s for _, s in per_ctx[(b, metric)]], 0)
-            lo, hi = np.percentile(diff, [2.5, 97.5])
-            # Two-sided: twice the share of resamples on the far side of 0, never below 2 / (n + 1).
-            p = min(1.0, 2 * (min(int(np.sum(diff <= 0)), int(np.sum(diff >= 0))) + 1) / (n_samples + 1))
+        for metric in sorted({m for (v, m) in avg if v == a}):
+            (obs_a, res_a), (obs_b, res_b) = avg[(a, metric)], avg[(b, metric)]
+            diff = res_a - res_b
             better = diff < 0 if metric in LOWER_IS_BETTER else diff > 0
             metrics[metric] = {"a": round(obs_a, 3), "b": round(obs_b, 3), "diff": round(obs_a - obs_b, 3),
-                               "ci95": [round(float(lo), 3), round(float(hi), 3)], "p": round(p, 4),
+                               "ci95": _interval(diff), "p": round(_two_sided_p(diff), 4),
                                "a_better_share": round(float(np.mean(better)), 4)}
         out.append({"a": a, "b": b, "metrics": metrics})
     return {"method": METHOD, "samples": n_samples, "pairs": out}
+
+
+def replicated_bootstrap(
+    tasks: Mapping[str, str], refs: Mapping[str, Sequence[str]], hyps: Mapping[str, Mapping[str, Sequence[str]]],
+    pairs: Sequence[tuple[str, str]], n_samples: int, seed: int, bleu_unscorable: AbstractSet[str],
+) -> dict[str, Any]:
+    """One comparison repeated in several runs (pairs: (a, b) per run, e.g. per gate seed), on one test set: the
+    difference a - b of each averaged metric, averaged over the runs.
+
+    Two intervals. `ci95`/`p`: the utterances resampled (paired across every run and variant), the runs as they are:
+    is the mean over these runs beyond the test set's noise? `ci95_runs`/`p_runs`: the runs resampled too, with
+    replacement: would it hold for other seeds? With few runs this one is wide by construction (three runs: a
+    resample is one run three times in 1 of 9), which is the honest answer three seeds give.
+    """
+    variants = sorted({v for p in pairs for v in p})
+    avg = _resampled_averages(tasks, refs, hyps, variants, n_samples, seed, bleu_unscorable)
+    run_draw = np.random.default_rng([seed, 0x5EED, len(pairs)]).integers(0, len(pairs), size=(n_samples, len(pairs)))
+    metrics: dict[str, Any] = {}
+    for metric in sorted({m for (v, m) in avg if v == pairs[0][0]}):
+        obs = np.array([avg[(a, metric)][0] - avg[(b, metric)][0] for a, b in pairs])
+        res = np.stack([avg[(a, metric)][1] - avg[(b, metric)][1] for a, b in pairs])  # (runs, samples)
+        diff = res.mean(0)
+        diff_runs = res[run_draw, np.arange(n_samples)[:, None]].mean(1)
+        better = obs < 0 if metric in LOWER_IS_BETTER else obs > 0
+        metrics[metric] = {
+            "a": round(float(np.mean([avg[(a, metric)][0] for a, _ in pairs])), 3),
+            "b": round(float(np.mean([avg[(b, metric)][0] for _, b in pairs])), 3),
+            "diff": round(float(obs.mean()), 3), "per_run": [round(float(d), 3) for d in obs],
+            "a_better_runs": int(better.sum()), "ci95": _interval(diff), "p": round(_two_sided_p(diff), 4),
+            "ci95_runs": _interval(diff_runs), "p_runs": round(_two_sided_p(diff_runs), 4),
+        }
+    return {"method": REPLICATED_METHOD, "samples": n_samples, "runs": len(pairs), "metrics": metrics}
 
 
 # ---------------------------------------------------------------- across runs
@@ -103,12 +152,10 @@ def _run_seed(run_dir: Path) -> int:
         return 0
 
 
-def compare_runs(a: tuple[Path, str], b: tuple[Path, str], n_samples: int, seed: int | None) -> dict[str, Any]:
-    """Paired bootstrap of variant a (in its run) against variant b (in its run) on the test utterances both
-    evaluated, e.g. a recipe change against the recipe it changed. The two must hold the same test set: the same
-    utterances with the same references in every context. Seed: run a's, unless given."""
-    (run_a, var_a), (run_b, var_b) = a, b
-    ha, hb = read_eval_hyps(run_a, var_a), read_eval_hyps(run_b, var_b)
+def _test_set_problems(ref: tuple[Path, Mapping[str, Mapping[str, tuple[str, str]]]],
+                       other: tuple[Path, Mapping[str, Mapping[str, tuple[str, str]]]]) -> list[str]:
+    """Why two evals are not on the same test set (the same utterances, with the same references, per context)."""
+    (run_a, ha), (run_b, hb) = ref, other
     problems: list[str] = []
     for ctx in sorted(set(ha) | set(hb)):
         if ctx not in ha or ctx not in hb:
@@ -121,18 +168,40 @@ def compare_runs(a: tuple[Path, str], b: tuple[Path, str], n_samples: int, seed:
         changed = sum(ha[ctx][u][0] != hb[ctx][u][0] for u in ha[ctx])
         if changed:
             problems.append(f"context {ctx}: {changed} utterance(s) have different references")
+    return [f"not the same test set: {p}" for p in problems]
+
+
+def compare_runs(a: tuple[Path, str], b: tuple[Path, str], n_samples: int, seed: int | None,
+                 replicates: Sequence[Path] = ()) -> dict[str, Any]:
+    """Paired bootstrap of variant a (in its run) against variant b (in its run) on the test utterances both
+    evaluated, e.g. a recipe change against the recipe it changed. The two must hold the same test set: the same
+    utterances with the same references in every context. Seed: run a's, unless given.
+
+    `replicates`: further runs, each holding both variants (e.g. other gate seeds), in which the same comparison is
+    repeated; `replicated` then holds the difference averaged over all the runs (replicated_bootstrap)."""
+    (run_a, var_a), (run_b, var_b) = a, b
+    sides = [((run_a, var_a), (run_b, var_b))] + [((r, var_a), (r, var_b)) for r in replicates]
+    labels = [f"{run}:{var}" for side in sides for run, var in side]
+    if len(set(labels)) < len(labels):
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        raise UsageError([f"{x} compared with itself" if len(sides) == 1 else f"{x} given twice" for x in twice])
+    evals = {f"{run}:{var}": (run, read_eval_hyps(run, var)) for side in sides for run, var in side}
+    reference = evals[labels[0]]
+    problems = [p for label in labels[1:] for p in _test_set_problems(reference, evals[label])]
     if problems:
-        raise UsageError([f"not the same test set: {p}" for p in problems])
-    label_a, label_b = f"{run_a}:{var_a}", f"{run_b}:{var_b}"
-    if label_a == label_b:
-        raise UsageError(f"{label_a} compared with itself")
+        raise UsageError(list(dict.fromkeys(problems)))
+    ha = reference[1]
     tasks = {ctx: ctx.split(":", 1)[0] for ctx in ha}
     order = {ctx: list(ha[ctx]) for ctx in ha}  # run a's eval order: comparing within one run repeats eval's draw
     refs = {ctx: [ha[ctx][u][0] for u in order[ctx]] for ctx in ha}
-    hyps = {label_a: {ctx: [ha[ctx][u][1] for u in order[ctx]] for ctx in ha},
-            label_b: {ctx: [hb[ctx][u][1] for u in order[ctx]] for ctx in ha}}
+    hyps = {label: {ctx: [h[ctx][u][1] for u in order[ctx]] for ctx in ha} for label, (_, h) in evals.items()}
     unscorable = {ctx for ctx, task in tasks.items() if task == "st" and not bleu_measurable(refs[ctx])}
     seed = _run_seed(run_a) if seed is None else seed
-    return {"a": {"run": str(run_a), "variant": var_a}, "b": {"run": str(run_b), "variant": var_b}, "seed": seed,
-            "utterances": sum(len(r) for r in refs.values()), "bleu_unscorable": sorted(unscorable),
-            "comparisons": paired_bootstrap(tasks, refs, hyps, [(label_a, label_b)], n_samples, seed, unscorable)}
+    pairs = [(labels[2 * i], labels[2 * i + 1]) for i in range(len(sides))]
+    out = {"a": {"run": str(run_a), "variant": var_a}, "b": {"run": str(run_b), "variant": var_b}, "seed": seed,
+           "utterances": sum(len(r) for r in refs.values()), "bleu_unscorable": sorted(unscorable),
+           "comparisons": paired_bootstrap(tasks, refs, hyps, pairs, n_samples, seed, unscorable)}
+    if replicates:
+        out["replicates"] = [str(r) for r in replicates]
+        out["replicated"] = replicated_bootstrap(tasks, refs, hyps, pairs, n_samples, seed, unscorable)
+    return out
