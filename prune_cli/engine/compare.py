@@ -94,8 +94,8 @@ def replicated_bootstrap(
 
     Two intervals. `ci95`/`p`: the utterances resampled (paired across every run and variant), the runs as they are:
     is the mean over these runs beyond the test set's noise? `ci95_runs`/`p_runs`: the runs resampled too, with
-    replacement: would it hold for other seeds? With few runs this one is wide by construction (three runs: a
-    resample is one run three times in 1 of 9), which is the honest answer three seeds give.
+    replacement: would it hold for other seeds? With few runs it is coarse (three runs: a resample is one run three
+    times in 1 of 9) and understates the runs' spread (the plain bootstrap's variance is (n - 1) / n of it).
     """
     variants = sorted({v for p in pairs for v in p})
     avg = _resampled_averages(tasks, refs, hyps, variants, n_samples, seed, bleu_unscorable)
