@@ -70,7 +70,12 @@ def paired_bootstrap(
     """tasks/refs: per context; hyps: per variant, per context. Returns the difference a - b of each averaged metric
     (BLEU, as in eval's averages, only over contexts outside `bleu_unscorable`)."""
     variants = sorted({v for p in pairs for v in p})
-    avg = _resampled_averages(tasks, refs, hyps, variants, n_samples, seed, bleu_unscorable)
+    return _pair_differences(_resampled_averages(tasks, refs, hyps, variants, n_samples, seed, bleu_unscorable),
+                             pairs, n_samples)
+
+
+def _pair_differences(avg: Mapping[tuple[str, str], tuple[float, np.ndarray]], pairs: Sequence[tuple[str, str]],
+                      n_samples: int) -> dict[str, Any]:
     out: list[dict[str, Any]] = []
     for a, b in pairs:
         metrics: dict[str, Any] = {}
@@ -85,20 +90,16 @@ def paired_bootstrap(
     return {"method": METHOD, "samples": n_samples, "pairs": out}
 
 
-def replicated_bootstrap(
-    tasks: Mapping[str, str], refs: Mapping[str, Sequence[str]], hyps: Mapping[str, Mapping[str, Sequence[str]]],
-    pairs: Sequence[tuple[str, str]], n_samples: int, seed: int, bleu_unscorable: AbstractSet[str],
-) -> dict[str, Any]:
-    """One comparison repeated in several runs (pairs: (a, b) per run, e.g. per gate seed), on one test set: the
-    difference a - b of each averaged metric, averaged over the runs.
+def replicated_differences(avg: Mapping[tuple[str, str], tuple[float, np.ndarray]], pairs: Sequence[tuple[str, str]],
+                           n_samples: int, seed: int) -> dict[str, Any]:
+    """One comparison repeated in several runs (pairs: (a, b) per run, e.g. per gate seed), on one test set, from the
+    paired resamples of _resampled_averages: the difference a - b of each averaged metric, averaged over the runs.
 
     Two intervals. `ci95`/`p`: the utterances resampled (paired across every run and variant), the runs as they are:
     is the mean over these runs beyond the test set's noise? `ci95_runs`/`p_runs`: the runs resampled too, with
     replacement: would it hold for other seeds? With few runs it is coarse (three runs: a resample is one run three
     times in 1 of 9) and understates the runs' spread (the plain bootstrap's variance is (n - 1) / n of it).
     """
-    variants = sorted({v for p in pairs for v in p})
-    avg = _resampled_averages(tasks, refs, hyps, variants, n_samples, seed, bleu_unscorable)
     run_draw = np.random.default_rng([seed, 0x5EED, len(pairs)]).integers(0, len(pairs), size=(n_samples, len(pairs)))
     metrics: dict[str, Any] = {}
     for metric in sorted({m for (v, m) in avg if v == pairs[0][0]}):
@@ -178,7 +179,7 @@ def compare_runs(a: tuple[Path, str], b: tuple[Path, str], n_samples: int, seed:
     utterances with the same references in every context. Seed: run a's, unless given.
 
     `replicates`: further runs, each holding both variants (e.g. other gate seeds), in which the same comparison is
-    repeated; `replicated` then holds the difference averaged over all the runs (replicated_bootstrap)."""
+    repeated; `replicated` then holds the difference averaged over all the runs (replicated_differences)."""
     (run_a, var_a), (run_b, var_b) = a, b
     sides = [((run_a, var_a), (run_b, var_b))] + [((r, var_a), (r, var_b)) for r in replicates]
     labels = [f"{run}:{var}" for side in sides for run, var in side]
@@ -198,10 +199,12 @@ def compare_runs(a: tuple[Path, str], b: tuple[Path, str], n_samples: int, seed:
     unscorable = {ctx for ctx, task in tasks.items() if task == "st" and not bleu_measurable(refs[ctx])}
     seed = _run_seed(run_a) if seed is None else seed
     pairs = [(labels[2 * i], labels[2 * i + 1]) for i in range(len(sides))]
+    # Scored and resampled once: each run's own comparison and their mean read the same resamples.
+    avg = _resampled_averages(tasks, refs, hyps, labels, n_samples, seed, unscorable)
     out = {"a": {"run": str(run_a), "variant": var_a}, "b": {"run": str(run_b), "variant": var_b}, "seed": seed,
            "utterances": sum(len(r) for r in refs.values()), "bleu_unscorable": sorted(unscorable),
-           "comparisons": paired_bootstrap(tasks, refs, hyps, pairs, n_samples, seed, unscorable)}
+           "comparisons": _pair_differences(avg, pairs, n_samples)}
     if replicates:
         out["replicates"] = [str(r) for r in replicates]
-        out["replicated"] = replicated_bootstrap(tasks, refs, hyps, pairs, n_samples, seed, unscorable)
+        out["replicated"] = replicated_differences(avg, pairs, n_samples, seed)
     return out
