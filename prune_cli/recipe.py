@@ -151,6 +151,10 @@ class GatesConfig:
     target_warmup_steps: int = 200
     tau_start: float = 1.0
     tau_end: float = 0.1
+    # The Gumbel temperature (and noise) anneal from tau_start to tau_end over `all` of `steps`, or over the steps in
+    # which the predictor learns (`predictor`: up to the freeze point of `phased`; the same as `all` otherwise).
+    # With `all` and phased, the predictor stops at tau 0.56 (share 0.25), its sampled masks still far from its argmax.
+    anneal_over: Literal["all", "predictor"] = "all"
     steps: int = 800
     lr: float = 3e-3  # higher rates saturate the gate logits before contexts can diverge
     finetune_base: bool = False
@@ -185,6 +189,12 @@ class GatesConfig:
     def freeze_step(self) -> int:
         """Phased schedule: the step at which the predictor stops learning and the base starts."""
         return int(self.steps * self.predictor_share)
+
+    @property
+    def anneal_steps(self) -> int:
+        """The steps over which the Gumbel temperature anneals (gates.anneal_over)."""
+        phased = self.finetune_base and self.finetune_schedule == "phased"
+        return self.freeze_step if phased and self.anneal_over == "predictor" else self.steps
 
 
 @dataclass

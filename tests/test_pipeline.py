@@ -379,7 +379,7 @@ def test_joint_finetuning_saves_the_finetuned_base_used_downstream(tmp_path: Pat
     shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("sweep", "eval", "profile", "pruned"))
     (run_dir / "logs" / "gates.jsonl").unlink()
     sets = [*smoke_corpus, "gates.finetune_base=true", "gates.finetune_schedule=phased", "gates.steps=6", "gates.base_lr=0.01",
-            "gates.log_every=1", "gates.predictor_share=0.34"]
+            "gates.log_every=1", "gates.predictor_share=0.34", "gates.anneal_over=predictor"]
     r = cli("run", "ci_smoke", *sets, "--run-dir", str(run_dir), "--stages", "base,gates,prune", "--quiet")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (run_dir / "logs" / "gates.jsonl").read_text().splitlines()]
@@ -387,6 +387,8 @@ def test_joint_finetuning_saves_the_finetuned_base_used_downstream(tmp_path: Pat
     # phased: the predictor learns in steps 1-2 (a share of 0.34 of 6) on the frozen base, then only the base learns
     assert [x["lr"] > 0 for x in rows] == [True] * 2 + [False] * 4
     assert [x["lr_base"] > 0 for x in rows] == [False] * 2 + [True] * 4
+    # the Gumbel temperature anneals over the predictor's two steps, ending at tau_end when it stops learning
+    assert [x.get("tau") for x in rows] == [1.0, pytest.approx(0.1)] + [None] * 4
     base = torch.load(run_dir / "checkpoints" / "base.pt", weights_only=False)["state_dict"]
     tuned = torch.load(run_dir / "checkpoints" / "base_finetuned.pt", weights_only=False)["state_dict"]
     assert any(not torch.equal(base[k], tuned[k]) for k in base)

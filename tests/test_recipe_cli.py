@@ -209,3 +209,15 @@ def test_dense_tuned_needs_its_training_and_a_fine_tuned_base() -> None:
         build_recipe(apply_overrides({}, ["profile.variants=[dense,dense_tuned]"]))
     assert e.value.problems == ["<recipe>: profile.variants: dense_tuned is trained only with gates.train_dense_tuned: true"]
     build_recipe(apply_overrides({}, ["eval.variants=[dense_tuned]", "gates.train_dense_tuned=true", "gates.finetune_base=true"]))
+
+
+def test_gumbel_anneal_spans_all_steps_or_the_predictors_own() -> None:
+    phased = ["gates.finetune_base=true", "gates.finetune_schedule=phased", "gates.steps=1600", "gates.predictor_share=0.25"]
+    assert build_recipe(apply_overrides({}, phased)).gates.anneal_steps == 1600
+    assert build_recipe(apply_overrides({}, [*phased, "gates.anneal_over=predictor"])).gates.anneal_steps == 400
+    # without phases the predictor learns in every step, so both settings anneal over all of them
+    joint = ["gates.finetune_base=true", "gates.finetune_schedule=joint", "gates.steps=1600", "gates.anneal_over=predictor"]
+    assert build_recipe(apply_overrides({}, joint)).gates.anneal_steps == 1600
+    with pytest.raises(UsageError) as e:
+        build_recipe(apply_overrides({}, ["gates.anneal_over=freeze"]))
+    assert e.value.problems == ["<recipe>: gates.anneal_over: expected one of 'all', 'predictor', got 'freeze'"]

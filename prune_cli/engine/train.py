@@ -95,11 +95,11 @@ class GateObjective(nn.Module):
     """Task loss through hard-gated modules (Gumbel straight-through) + sparsity loss."""
 
     def __init__(self, model: SpeechModel, predictor: GatePredictor | None, spec: SparsitySpec, session: Session,
-                 speakers: list[str], total_steps: int, seed: int, calibrated: bool = False,
+                 speakers: list[str], anneal_steps: int, seed: int, calibrated: bool = False,
                  frozen_from: int | None = None, teacher: SpeechModel | None = None):
         super().__init__()
         self.model, self.predictor, self.spec = model, predictor, spec
-        self.s, self.speakers, self.total, self.seed = session, speakers, total_steps, seed
+        self.s, self.speakers, self.total, self.seed = session, speakers, anneal_steps, seed
         self.teacher = teacher  # the dense base, frozen: gates.distill > 0
         # calibrated: the exported mask is cut at exactly the target (static baseline), not the argmax.
         self.calibrated, self.frozen_from = calibrated, frozen_from
@@ -150,6 +150,8 @@ class GateObjective(nn.Module):
         loss = task + sp_loss
         logs = {k: float(v.detach()) for k, v in
                 {"loss": loss, "task": task, **parts, "sparsity_loss": sp_loss, "acc": acc}.items()}
+        if step is not None and (self.frozen_from is None or step < self.frozen_from):
+            logs["tau"] = tau_at(step, self.total, g.tau_start, g.tau_end)
         return loss, {**logs, **sp_logs}
 
 
@@ -446,7 +448,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
                 if predictor is not None:
                     params[0]["stop"] = g.freeze_step
         freeze = g.freeze_step if joint and g.finetune_schedule == "phased" else None
-        obj = GateObjective(model, predictor, sparsity, s, speakers, g.steps, seed,
+        obj = GateObjective(model, predictor, sparsity, s, speakers, g.anneal_steps, seed,
                             calibrated=exact_cut(r, bool(inputs)), frozen_from=freeze, teacher=teacher)
 
         def train_mode(predictor: GatePredictor | None = predictor, joint: bool = joint) -> None:
