@@ -186,6 +186,11 @@ class GatesConfig:
     log_every: int = 50
 
     @property
+    def phased(self) -> bool:
+        """The base is fine-tuned after the predictor has learned (not beside it, nor not at all)."""
+        return self.finetune_base and self.finetune_schedule == "phased"
+
+    @property
     def freeze_step(self) -> int:
         """Phased schedule: the step at which the predictor stops learning and the base starts."""
         return int(self.steps * self.predictor_share)
@@ -193,8 +198,7 @@ class GatesConfig:
     @property
     def anneal_steps(self) -> int:
         """The steps over which the Gumbel temperature anneals (gates.anneal_over)."""
-        phased = self.finetune_base and self.finetune_schedule == "phased"
-        return self.freeze_step if phased and self.anneal_over == "predictor" else self.steps
+        return self.freeze_step if self.phased and self.anneal_over == "predictor" else self.steps
 
 
 @dataclass
@@ -506,8 +510,7 @@ def _semantic_checks(r: Recipe) -> list[str]:
                     f"got {r.gates.min_cross_attention}")
     if not 0.0 < r.gates.predictor_share < 1.0:
         errs.append(f"gates.predictor_share: must be in (0, 1), got {r.gates.predictor_share}")
-    elif r.gates.finetune_base and r.gates.finetune_schedule == "phased" and \
-            not 1 <= r.gates.freeze_step < r.gates.steps:
+    elif r.gates.phased and not 1 <= r.gates.freeze_step < r.gates.steps:
         errs.append(f"gates.predictor_share: {r.gates.predictor_share} of gates.steps={r.gates.steps} leaves the predictor "
                     "or the base no step of the phased schedule")
     if r.gates.distill < 0.0:

@@ -104,6 +104,13 @@ class GateObjective(nn.Module):
         # calibrated: the exported mask is cut at exactly the target (static baseline), not the argmax.
         self.calibrated, self.frozen_from = calibrated, frozen_from
 
+    def tau(self, step: int | None) -> float | None:
+        """The Gumbel temperature while the predictor learns; None in evaluation and once it is frozen."""
+        if step is None or (self.frozen_from is not None and step >= self.frozen_from):
+            return None
+        g = self.s.recipe.gates
+        return tau_at(step, self.total, g.tau_start, g.tau_end)
+
     def gates(self, batch: Batch, step: int | None) -> torch.Tensor:
         """(B, M) keep gates: Gumbel straight-through while the predictor learns, the exported masks otherwise;
         every module kept without a predictor (the `dense_tuned` reference)."""
@@ -115,9 +122,9 @@ class GateObjective(nn.Module):
         g = self.s.recipe.gates
         # Evaluation, and training once the predictor is frozen (phased fine-tuning), use the masks prune exports,
         # so the base adapts to exactly the masks it will be deployed with.
-        if step is None or (self.frozen_from is not None and step >= self.frozen_from):
+        tau = self.tau(step)
+        if tau is None:
             return self.spec.deployed_gates(logits, exact=self.calibrated)
-        tau = tau_at(step, self.total, g.tau_start, g.tau_end)
         keep = gumbel_straight_through(logits, tau, derived_generator(self.seed, GUMBEL_SALT, step),
                                        noise_scale=tau / g.tau_start)
         return self.spec.force_ungated(keep)
@@ -150,8 +157,8 @@ class GateObjective(nn.Module):
         loss = task + sp_loss
         logs = {k: float(v.detach()) for k, v in
                 {"loss": loss, "task": task, **parts, "sparsity_loss": sp_loss, "acc": acc}.items()}
-        if step is not None and (self.frozen_from is None or step < self.frozen_from):
-            logs["tau"] = tau_at(step, self.total, g.tau_start, g.tau_end)
+        if (tau := self.tau(step)) is not None:
+            logs["tau"] = tau
         return loss, {**logs, **sp_logs}
 
 
@@ -443,11 +450,11 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
             log(f"{name}: every module kept; the base fine-tuned on the gate stage's schedule (the fair dense reference)")
         if joint:
             params.append(base_group)
-            if g.finetune_schedule == "phased":
+            if g.phased:
                 base_group["start"] = g.freeze_step
                 if predictor is not None:
                     params[0]["stop"] = g.freeze_step
-        freeze = g.freeze_step if joint and g.finetune_schedule == "phased" else None
+        freeze = g.freeze_step if g.phased else None
         obj = GateObjective(model, predictor, sparsity, s, speakers, g.anneal_steps, seed,
                             calibrated=exact_cut(r, bool(inputs)), frozen_from=freeze, teacher=teacher)
 
