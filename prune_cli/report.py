@@ -77,13 +77,13 @@ def replicated_table(summary: dict[str, Any]) -> Table:
     a, b = summary["a"]["variant"], summary["b"]["variant"]
     t = Table(title=f"{a} vs {b}, mean over {rep['runs']} runs ({rep['samples']} resamples)")
     for col in ("metric (avg)", "a", "b", "a - b per run", f"{a} better", "mean a - b [95%, utterances]", "p",
-                "[95%, runs and utterances]", "p"):
+                "[95%, runs and utterances]", "p", "p, sign-flip over runs"):
         t.add_column(col, justify="left" if col.startswith("metric") else "right")
     for metric, m in rep["metrics"].items():
         (lo, hi), (rlo, rhi) = m["ci95"], m["ci95_runs"]
         t.add_row(metric.upper(), f"{m['a']:.2f}", f"{m['b']:.2f}", " ".join(f"{d:+.2f}" for d in m["per_run"]),
                   f"{m['a_better_runs']}/{rep['runs']}", f"{m['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{m['p']:.3f}",
-                  f"[{rlo:+.2f}, {rhi:+.2f}]", f"{m['p_runs']:.3f}")
+                  f"[{rlo:+.2f}, {rhi:+.2f}]", f"{m['p_runs']:.3f}", f"{m['p_signflip']:.3f}")
     return t
 
 

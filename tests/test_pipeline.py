@@ -7,10 +7,12 @@ import shutil
 from pathlib import Path
 
 import jiwer
+import numpy as np
 import pytest
 import sacrebleu
 
 from conftest import cli, read_json
+from prune_cli.engine.compare import sign_flip_p
 from prune_cli.engine.metrics import normalize
 from prune_cli.engine.profile import Timer, measure_interleaved, stats_ms
 from prune_cli.errors import CheckpointError
@@ -229,6 +231,15 @@ def test_compare_across_runs_repeats_evals_bootstrap_and_rejects_another_test_se
     assert r.returncode == 1 and "utterances.jsonl: missing" in r.stderr
 
 
+def test_sign_flip_p_over_runs_is_exact_and_floored_by_the_number_of_runs() -> None:
+    assert sign_flip_p(np.array([1.0, 1.0, 1.0, 1.0]), 0) == 2 / 16  # 4 runs all ahead: no lower than 0.125
+    assert sign_flip_p(np.array([3.0, 1.0, 1.0]), 0) == 2 / 8  # only +++ and --- reach |sum| 5
+    assert sign_flip_p(np.array([0.6, 0.2, -0.2]), 0) == 6 / 8  # |sums| 0.6, 1.0, 0.2, 0.6 (each twice) vs 0.6
+    assert sign_flip_p(np.array([0.5, -0.5]), 0) == 1.0
+    many = np.linspace(0.1, 0.3, 20)  # beyond the exact limit, drawn from the seed: reproducible, never 0
+    assert sign_flip_p(many, 7) == sign_flip_p(many, 7) == 1 / (2 ** 16 + 1)
+
+
 def test_compare_replicated_over_runs_averages_each_runs_difference(tmp_path: Path, smoke_run: Path) -> None:
     ev = read_json(smoke_run / "eval" / "summary.json")
     rows = [json.loads(x) for x in (smoke_run / "eval" / "utterances.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -260,6 +271,8 @@ def test_compare_replicated_over_runs_averages_each_runs_difference(tmp_path: Pa
     # Resampling the runs as well reaches the all-perfect draw: the interval reaches further down than over
     # utterances alone, where every resample averages the three runs.
     assert wer["ci95_runs"][0] < wer["ci95"][0] and 0 < wer["p_runs"] <= 1
+    # Three runs, two of them one run twice: the sign-flip test sees only the per-run differences (never below 2/8).
+    assert wer["p_signflip"] == pytest.approx(sign_flip_p(np.array(wer["per_run"]), 0), abs=1e-3) and wer["p_signflip"] >= 0.25
     r = cli("compare", f"{smoke_run}:context", f"{smoke_run}:static", "-r", str(same), "-r", str(perfect), "--samples", "50")
     assert r.returncode == 0 and "context vs static, mean over 3 runs" in r.stdout, r.stderr
 

@@ -20,7 +20,9 @@ from prune_cli.errors import MissingInputError, UsageError
 
 METHOD = "paired bootstrap over utterances, stratified by context; 95% percentile interval; p two-sided"
 REPLICATED_METHOD = ("the mean over runs of a - b; paired bootstrap over utterances (ci95, p), and over runs and "
-                     "utterances (ci95_runs, p_runs); 95% percentile intervals; p two-sided")
+                     "utterances (ci95_runs, p_runs); 95% percentile intervals; exact sign-flip test of the mean over "
+                     "runs (p_signflip); p two-sided")
+EXACT_SIGN_FLIP_RUNS = 16  # 2^16 sign patterns; beyond that, as many drawn at random
 
 
 def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
@@ -56,6 +58,20 @@ def _resampled_averages(
 def _two_sided_p(diff: np.ndarray) -> float:
     """Twice the share of resamples on the far side of 0, never below 2 / (n + 1)."""
     return min(1.0, 2 * (min(int(np.sum(diff <= 0)), int(np.sum(diff >= 0))) + 1) / (len(diff) + 1))
+
+
+def sign_flip_p(per_run: np.ndarray, seed: int) -> float:
+    """Two-sided p of the mean of per-run differences under "each run's difference is as likely + as -" (a
+    randomization test over runs, e.g. gate seeds): the share of sign patterns whose mean is at least as far from 0.
+    Exact, so it can say what a bootstrap over few runs cannot: n runs can never give p below 2 / 2^n."""
+    n = len(per_run)
+    exact = n <= EXACT_SIGN_FLIP_RUNS
+    if exact:
+        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
+    else:
+        signs = np.random.default_rng([seed, 0x5EED, n]).choice([-1, 1], size=(2 ** EXACT_SIGN_FLIP_RUNS, n))
+    as_far = int(np.sum(np.abs(signs @ per_run) / n >= abs(per_run.mean()) - 1e-9))
+    return as_far / len(signs) if exact else (as_far + 1) / (len(signs) + 1)
 
 
 def _interval(diff: np.ndarray) -> list[float]:
@@ -99,6 +115,8 @@ def replicated_differences(avg: Mapping[tuple[str, str], tuple[float, np.ndarray
     is the mean over these runs beyond the test set's noise? `ci95_runs`/`p_runs`: the runs resampled too, with
     replacement: would it hold for other seeds? With few runs it is coarse (three runs: a resample is one run three
     times in 1 of 9) and understates the runs' spread (the plain bootstrap's variance is (n - 1) / n of it).
+    `p_signflip`: the runs' own differences, sign-flipped (sign_flip_p): exact, and it cannot be fooled by the
+    within-run noise the utterance bootstrap misses (two variants trained apart differ even with identical masks).
     """
     run_draw = np.random.default_rng([seed, 0x5EED, len(pairs)]).integers(0, len(pairs), size=(n_samples, len(pairs)))
     metrics: dict[str, Any] = {}
@@ -114,6 +132,7 @@ def replicated_differences(avg: Mapping[tuple[str, str], tuple[float, np.ndarray
             "diff": round(float(obs.mean()), 3), "per_run": [round(float(d), 3) for d in obs],
             "a_better_runs": int(better.sum()), "ci95": _interval(diff), "p": round(_two_sided_p(diff), 4),
             "ci95_runs": _interval(diff_runs), "p_runs": round(_two_sided_p(diff_runs), 4),
+            "p_signflip": round(sign_flip_p(obs, seed), 4),
         }
     return {"method": REPLICATED_METHOD, "samples": n_samples, "runs": len(pairs), "metrics": metrics}
 
