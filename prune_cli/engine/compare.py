@@ -23,6 +23,7 @@ REPLICATED_METHOD = ("the mean over runs of a - b; paired bootstrap over utteran
                      "utterances (ci95_runs, p_runs); 95% percentile intervals; exact sign-flip test of the mean over "
                      "runs (p_signflip); p two-sided")
 EXACT_SIGN_FLIP_RUNS = 16  # 2^16 sign patterns; beyond that, as many drawn at random
+SIGN_FLIP_SALT = 0x51F  # its own stream: [seed, 0x5EED, runs] already draws the runs' bootstrap
 
 
 def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
@@ -69,7 +70,7 @@ def sign_flip_p(per_run: np.ndarray, seed: int) -> float:
     if exact:
         signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
     else:
-        signs = np.random.default_rng([seed, 0x5EED, n]).choice([-1, 1], size=(2 ** EXACT_SIGN_FLIP_RUNS, n))
+        signs = np.random.default_rng([seed, 0x5EED, n, SIGN_FLIP_SALT]).choice([-1, 1], size=(2 ** EXACT_SIGN_FLIP_RUNS, n))
     as_far = int(np.sum(np.abs(signs @ per_run) / n >= abs(per_run.mean()) - 1e-9))
     return as_far / len(signs) if exact else (as_far + 1) / (len(signs) + 1)
 
