@@ -224,7 +224,7 @@ def run(
     """Run the whole pipeline, skipping stages whose outputs are complete for this config; then the recipe's sweep."""
     with guarded(debug, json_out, quiet):
         from prune_cli.engine.pipeline import check_against as compare
-        from prune_cli.engine.pipeline import parse_sweep, run_stages
+        from prune_cli.engine.pipeline import env_differences, parse_sweep, run_stages
         from prune_cli.engine.pipeline import sweep as do_sweep
         from prune_cli.engine.session import Session
         from prune_cli.recipe import apply_overrides, build_recipe, load_raw, resolve_recipe_path, sweep_point_raw
@@ -260,13 +260,18 @@ def run(
                     result["report"] = str(write_report(s.run.path, str(path), sets))
         out: dict[str, Any] = {"run_dir": str(s.run.path), "stages": {k: ("done" if v != "skipped" else v) for k, v in result.items()}}
         problems: list[str] = []
+        env_diff: list[str] = []
         if check_against is not None:
             c = s.recipe.check
             problems = compare(s.run.path, check_against, {"wer": c.wer, "cer": c.cer, "bleu": c.bleu, "chrf": c.chrf})
-            out["check"] = {"against": str(check_against), "ok": not problems, "differences": problems}
+            env_diff = env_differences(s.run.path, check_against)
+            out["check"] = {"against": str(check_against), "ok": not problems, "differences": problems, "env_differences": env_diff}
         emit(out, json_out, lambda: print(f"run complete: {s.run.path}" + (f" (report: {result['report']})" if "report" in result else "")))
         for line in problems:
             err_console.print(f"check: {line}", markup=False)
+        if problems and env_diff:  # why a rerun may not match to the last bit
+            err_console.print(f"check: note: the runs differ in {'; '.join(env_diff)}; results are bit-identical only on the same "
+                              "kernels and thread count, so set tolerances (check.wer, check.bleu, ...) across machines", markup=False)
         if problems:
             raise typer.Exit(EXIT_CHECK_FAILED)
 

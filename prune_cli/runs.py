@@ -103,6 +103,21 @@ def git_commit() -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name: torch's CPU kernels, hence the last bits of every result, depend on it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# The env.json fields that decide whether a rerun can be bit-identical (`run --check-against` names them).
+BITWISE_ENV_KEYS: tuple[str, ...] = ("torch", "device", "device_name", "cpu_model", "cpu_capability", "torch_threads")
+
+
 def env_info(device: str, seed: int) -> dict[str, Any]:
     import torchaudio
 
@@ -116,6 +131,8 @@ def env_info(device: str, seed: int) -> dict[str, Any]:
         "numpy": np.__version__,
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "seed": seed,

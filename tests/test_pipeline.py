@@ -102,6 +102,15 @@ def test_check_against_reports_differences(tmp_path: Path, smoke_run: Path, smok
     r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--check-against", str(tampered), "--quiet")
     assert r.returncode == 3
     assert f"check: eval dense {ctx} {metric}:" in r.stderr
+    assert "check: note:" not in r.stderr  # same machine, same threads: nothing to explain the mismatch
+    env = read_json(tampered / "env.json")
+    assert env["cpu_capability"] and env["cpu_model"]
+    env["cpu_capability"], env["torch_threads"] = "ELSEWHERE", env["torch_threads"] + 1
+    (tampered / "env.json").write_text(json.dumps(env))
+    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--check-against", str(tampered), "--json", "--quiet")
+    assert r.returncode == 3
+    assert [d.split()[0] for d in json.loads(r.stdout)["check"]["env_differences"]] == ["cpu_capability", "torch_threads"]
+    assert "check: note: the runs differ in cpu_capability" in r.stderr and "'ELSEWHERE'" in r.stderr
     r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--check-against", str(tampered),
             "--set", "check.wer=2", "--set", "check.bleu=2", "--quiet")
     assert r.returncode == 0, r.stderr

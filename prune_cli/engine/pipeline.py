@@ -13,7 +13,7 @@ from prune_cli.engine.session import Session
 from prune_cli.errors import UsageError
 from prune_cli.progress import log, progress
 from prune_cli.recipe import Recipe, build_recipe, parse_override, point_label, sweep_point_raw
-from prune_cli.runs import STAGES, RunDir, atomic_write_json
+from prune_cli.runs import BITWISE_ENV_KEYS, STAGES, RunDir, atomic_write_json
 
 # ---------------------------------------------------------------- stages
 
@@ -259,6 +259,18 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, keys: str) -> None:
 
 
 # ---------------------------------------------------------------- reproducibility
+
+
+def env_differences(run_dir: Path, other: Path) -> list[str]:
+    """The env.json fields, among those that decide bit-identical results, on which two runs differ."""
+    envs = []
+    for d in (run_dir, other):
+        try:
+            envs.append(json.loads((d / "env.json").read_text()))
+        except (OSError, ValueError):
+            envs.append({})
+    a, b = envs
+    return [f"{k} {a.get(k, 'not recorded')!r} vs {b.get(k, 'not recorded')!r}" for k in BITWISE_ENV_KEYS if a.get(k) != b.get(k)]
 
 
 def check_against(run_dir: Path, other: Path, tol: dict[str, float]) -> list[str]:
