@@ -245,6 +245,7 @@ def test_sign_flip_p_over_runs_is_exact_and_floored_by_the_number_of_runs() -> N
     assert sign_flip_p(np.array([3.0, 1.0, 1.0]), 0) == 2 / 8  # only +++ and --- reach |sum| 5
     assert sign_flip_p(np.array([0.6, 0.2, -0.2]), 0) == 6 / 8  # |sums| 0.6, 1.0, 0.2, 0.6 (each twice) vs 0.6
     assert sign_flip_p(np.array([0.5, -0.5]), 0) == 1.0
+    assert sign_flip_p([3.0, 1.0, 1.0], 0) == 2 / 8  # a plain list, as the docs' pooled-seed command passes it
     many = np.linspace(0.1, 0.3, 20)  # beyond the exact limit, drawn from the seed: reproducible, never 0
     assert sign_flip_p(many, 7) == sign_flip_p(many, 7) == 1 / (2 ** 16 + 1)
 

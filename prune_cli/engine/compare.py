@@ -61,10 +61,11 @@ def _two_sided_p(diff: np.ndarray) -> float:
     return min(1.0, 2 * (min(int(np.sum(diff <= 0)), int(np.sum(diff >= 0))) + 1) / (len(diff) + 1))
 
 
-def sign_flip_p(per_run: np.ndarray, seed: int) -> float:
+def sign_flip_p(per_run: Sequence[float] | np.ndarray, seed: int) -> float:
     """Two-sided p of the mean of per-run differences under "each run's difference is as likely + as -" (a
     randomization test over runs, e.g. gate seeds): the share of sign patterns whose mean is at least as far from 0.
     Exact, so it can say what a bootstrap over few runs cannot: n runs can never give p below 2 / 2^n."""
+    per_run = np.asarray(per_run, dtype=float)
     n = len(per_run)
     exact = n <= EXACT_SIGN_FLIP_RUNS
     if exact:
