@@ -19,11 +19,11 @@ from typing import Any, Iterable, Literal, Optional, Sequence, Union
 
 import yaml
 
+from prune_cli.contexts import LANGS
 from prune_cli.errors import UsageError
+from prune_cli.variants import BASELINES, CONTEXT, DENSE, NAMES, STATIC, VARIANTS
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-LANGS = ("en", "de", "fr", "es", "it")
-VARIANTS = ("dense", "dense_tuned", "context", "static", "random", "layerdrop")
 
 
 @dataclass
@@ -203,9 +203,7 @@ class GatesConfig:
 
 @dataclass
 class PruneConfig:
-    baselines: list[Literal["static", "random", "layerdrop"]] = field(
-        default_factory=lambda: ["static", "random", "layerdrop"]
-    )
+    baselines: list[Literal[BASELINES]] = field(default_factory=lambda: list(BASELINES))  # type: ignore[valid-type]
     materialize: bool = False
     # The static baseline skips exactly the target share of each scope (largest skip margins first) instead of its
     # raw argmax, so it is compared with the context-aware masks at the same sparsity.
@@ -214,7 +212,7 @@ class PruneConfig:
 
 @dataclass
 class EvalConfig:
-    variants: list[str] = field(default_factory=lambda: ["dense", "context", "static"])
+    variants: list[str] = field(default_factory=lambda: [DENSE.name, CONTEXT.name, STATIC.name])
     split: Literal["dev", "test"] = "test"
     beam_size: int = 1
     length_penalty: float = 0.0
@@ -230,7 +228,7 @@ class EvalConfig:
 
 @dataclass
 class ProfileConfig:
-    variants: list[str] = field(default_factory=lambda: ["dense", "context", "static"])
+    variants: list[str] = field(default_factory=lambda: [DENSE.name, CONTEXT.name, STATIC.name])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     warmup: int = 2
     repeats: int = 10
@@ -247,7 +245,6 @@ class CheckConfig:
     cer: float = 0.0
     bleu: float = 0.0
     chrf: float = 0.0
-    sparsity: float = 0.0
 
 
 @dataclass
@@ -271,6 +268,16 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def enabled(self, variant: str) -> bool:
+        """Whether this recipe produces a variant (its registry `switch`: a bool key, or prune.baselines)."""
+        switch = VARIANTS[variant].switch
+        if switch is None:
+            return True
+        if switch == "prune.baselines":
+            return variant in self.prune.baselines
+        section, key = switch.split(".")
+        return bool(getattr(getattr(self, section), key))
 
     def section_hash(self, *sections: str) -> str:
         """Hash of the named sections: a stage is up to date when the sections it depends on are unchanged."""
@@ -493,15 +500,16 @@ def _semantic_checks(r: Recipe) -> list[str]:
         errs.append(f"model.d_model: {r.model.d_model} is not divisible by model.heads={r.model.heads}")
     if r.model.cgmlp_dim % 2:
         errs.append("model.cgmlp_dim: must be even (it is split into two gated halves)")
-    for v in sorted(set(r.eval.variants) | set(r.profile.variants)):
-        if v not in VARIANTS:
-            errs.append(f"eval/profile variants: unknown variant {v!r} ({', '.join(VARIANTS)})")
-    if r.gates.train_dense_tuned and not r.gates.finetune_base:
-        errs.append("gates.train_dense_tuned: the dense reference is the base fine-tuned like the pruned variants; "
-                    "it needs gates.finetune_base: true")
     for section, vs in (("eval", r.eval.variants), ("profile", r.profile.variants)):
-        if "dense_tuned" in vs and not r.gates.train_dense_tuned:
-            errs.append(f"{section}.variants: dense_tuned is trained only with gates.train_dense_tuned: true")
+        for v in vs:
+            if v not in VARIANTS:
+                errs.append(f"{section}.variants: unknown variant {v!r} ({', '.join(NAMES)})")
+            elif VARIANTS[v].kind == "unpruned" and not r.enabled(v):  # masked ones fail at eval, naming masks.json
+                errs.append(f"{section}.variants: {v} is trained only with {VARIANTS[v].switch}: true")
+    for v in VARIANTS.values():  # an unpruned variant that trains its own copy of the base needs fine-tuning on
+        if v.kind == "unpruned" and v.own_base and r.enabled(v.name) and not r.gates.finetune_base:
+            errs.append(f"{v.switch}: the dense reference is the base fine-tuned like the pruned variants; "
+                        "it needs gates.finetune_base: true")
     for bs in r.profile.batch_sizes:
         if bs < 1:
             errs.append("profile.batch_sizes: must be positive")
@@ -549,13 +557,15 @@ def build_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
+    r, path, _ = load_recipe_raw(name_or_path, overrides)
+    return r, path
+
+
+def load_recipe_raw(name_or_path: str, overrides: list[str] | None = None) -> tuple[Recipe, Path, dict[str, Any]]:
+    """The validated recipe, its path, and the raw mapping it was built from (overrides applied; sweeps start from it)."""
     path = resolve_recipe_path(name_or_path)
     raw = apply_overrides(load_raw(path), overrides or [])
-    return build_recipe(raw, str(path)), path
-
-
-def recipe_from_dict(d: dict[str, Any]) -> Recipe:
-    return build_recipe(d)
+    return build_recipe(raw, str(path)), path, raw
 
 
 def to_yaml(recipe: Recipe) -> str:

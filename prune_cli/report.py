@@ -9,8 +9,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from prune_cli.recipe import VARIANTS, point_label
-from prune_cli.runs import atomic_write_text
+from prune_cli.atomic import atomic_write_text
+from prune_cli.recipe import point_label
+from prune_cli.variants import NAMES
 
 
 def _fmt(x: Any) -> str:
@@ -122,26 +123,6 @@ def print_table(table: Table, to_stderr: bool = False) -> None:
     Console(file=stream, width=None if stream.isatty() else 200).print(table)
 
 
-def plot_cost(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for v, d in summary["variants"].items():
-        ax.scatter(d["flops"]["total"] / 1e9, d["latency_ms"]["median"], s=60, label=v)
-        ax.annotate(v, (d["flops"]["total"] / 1e9, d["latency_ms"]["median"]), textcoords="offset points", xytext=(5, 5))
-    ax.set_xlabel("GFLOPs (encoder + full decode, profile subset)")
-    ax.set_ylabel("end-to-end latency, median ms")
-    ax.set_title(summary["device"])
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
@@ -169,7 +150,7 @@ def sweep_rows(sweep: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     rows = []
     for row in sweep["rows"]:
         label = point_label(row["point"])  # the point's run directory under sweep/
-        for v in VARIANTS:
+        for v in NAMES:
             if v in row:
                 d = row[v]
                 rows.append([label, v, _num(d.get("wer")), _num(d.get("bleu")), _num(d.get("chrf")),
@@ -212,19 +193,26 @@ def write_report(run_dir: Path, recipe_path: str, overrides: list[str]) -> Path:
                                for k in ("sparsity_encoder", "sparsity_decoder", "prunable_flops_ratio")])
         lines += [markdown_table(hdr, rows), ""]
     if pr:
-        hdr = ["variant", "GFLOPs", "FLOPs ratio", "e2e latency ms (median)", "p90", "latency ratio"]
+        label = pr.get("decoding_label", "greedy")
+        greedy = any("latency_ms_greedy" in d for d in pr["variants"].values())
+        hdr = ["variant", "GFLOPs", "FLOPs ratio", f"latency ms, {label} (median)", "p90", "latency ratio"]
+        hdr += ["latency ratio, greedy"] if greedy else []
         rows = [[v, round(d["flops"]["total"] / 1e9, 4), pr["ratios"].get(v, {}).get("flops", 1.0),
                  d["latency_ms"]["median"], d["latency_ms"]["p90"], pr["ratios"].get(v, {}).get("latency", 1.0)]
+                + ([pr["ratios"].get(v, {}).get("latency_greedy", 1.0)] if greedy else [])
                 for v, d in pr["variants"].items()]
-        lines += ["## Cost", "", f"Device: {pr['device']}. {pr['flops_unit']}; encoder + full greedy decode at the real "
-                  "output lengths. Ratios are pruned/dense from the same run (variants interleaved).", "",
-                  markdown_table(hdr, rows), "", "![latency vs FLOPs](plots/cost.png)", ""]
+        lines += ["## Cost", "", f"Device: {pr['device']}. {pr['flops_unit']}, encoder + full greedy decode at the real "
+                  f"output lengths. Latency: encoder + the decoding eval scores ({label})"
+                  + (", and greedy beside it" if greedy else "") + ". Ratios are pruned/dense from the same run "
+                  "(variants interleaved).", "", markdown_table(hdr, rows), "", "![latency vs FLOPs](plots/cost.png)", ""]
         bs_rows = []
         for v, d in pr["variants"].items():
             for bs, parts in d["latency_by_batch"].items():
-                bs_rows.append([v, bs, parts["encoder"]["median"], parts["e2e"]["median"],
-                                pr["ratios"].get(v, {}).get("by_batch", {}).get(bs, {}).get("e2e", 1.0)])
-        lines += ["Batch-size sweep (median ms):", "", markdown_table(["variant", "batch", "encoder", "e2e", "e2e ratio"], bs_rows), ""]
+                ratios = pr["ratios"].get(v, {}).get("by_batch", {}).get(bs, {})
+                bs_rows.append([v, bs, parts["encoder"]["median"], parts["e2e"]["median"], ratios.get("e2e", 1.0)]
+                               + ([parts["e2e_greedy"]["median"], ratios.get("e2e_greedy", 1.0)] if greedy else []))
+        cols = ["variant", "batch", "encoder", f"e2e ({label})", "e2e ratio"] + (["e2e greedy", "greedy ratio"] if greedy else [])
+        lines += ["Batch-size sweep (median ms):", "", markdown_table(cols, bs_rows), ""]
     sweep = _read(run_dir / "sweep" / "summary.json")
     if sweep.get("rows"):
         lines += ["## Sweep", "", "More operating points, each trained on this run's base (see `sweep/`). Averages; "
@@ -242,6 +230,51 @@ def write_report(run_dir: Path, recipe_path: str, overrides: list[str]) -> Path:
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def headline_rows(run_dir: Path) -> tuple[list[str], list[list[str]]]:
+    """The report's headline, one row per evaluated variant: averages, sparsity, FLOPs and latency ratios."""
+    ev = _read(run_dir / "eval" / "summary.json")
+    pr = _read(run_dir / "profile" / "summary.json")
+    header = ["variant", "avg WER", "avg BLEU", "avg chrF", "sparsity", "FLOPs ratio",
+              f"latency ratio ({pr.get('decoding_label', 'greedy')})"]
+    rows = []
+    for v in dict.fromkeys([*ev.get("averages", {}), *pr.get("variants", {})]):
+        avg, cost = ev.get("averages", {}).get(v, {}), pr.get("variants", {}).get(v)
+        ratio = pr.get("ratios", {}).get(v, {}) if cost else {}
+        rows.append([v, _num(avg.get("wer")), _num(avg.get("bleu")), _num(avg.get("chrf")),
+                     _num(cost.get("sparsity") if cost else None, 3),
+                     _num(ratio.get("flops", 1.0) if cost else None, 3), _num(ratio.get("latency", 1.0) if cost else None, 3)])
+    return header, rows
+
+
+def headline_table(run_dir: Path) -> Table:
+    header, rows = headline_rows(run_dir)
+    t = Table(title=f"{run_dir}: test-split averages; ratios pruned/dense (details: report.md)")
+    for col in header:
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+def corpus_table(manifest_dir: str, summary: dict[str, Any]) -> Table:
+    t = Table(title=f"corpus {manifest_dir}")
+    for col in ("split", "context", "utterances", "hours"):
+        t.add_column(col)
+    for split, table in summary.items():
+        for ctx, e in sorted(table.items()):
+            t.add_row(split, ctx, str(e["utts"]), f"{e['hours']:.3f}")
+    return t
+
+
+def model_table(out: dict[str, Any]) -> Table:
+    t = Table(title=f"{out['params_total'] / 1e6:.2f}M parameters; FLOPs for {out['frames']} frames, {out['tokens']} tokens")
+    for col in ("kind", "modules", "params", "GFLOPs"):
+        t.add_column(col)
+    for k, v in out["by_kind"].items():
+        t.add_row(k, str(v["count"]), f"{v['params']:,}", f"{v['flops'] / 1e9:.4f}")
+    return t
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""Run directory: resolved config, environment record, metrics, stage markers, atomic writes, seeding."""
+"""Run directory: its layout, resolved config, environment record, metrics, stage hashes, seeding.
+
+Stage markers are read here and written only by the stage runner (engine/runner.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import platform
 import random
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ import numpy as np
 import torch
 
 from prune_cli import __version__
+from prune_cli.atomic import atomic_write_json, atomic_write_text
 from prune_cli.data.manifest import split_fingerprint
 from prune_cli.recipe import Recipe, to_yaml
+from prune_cli.variants import VARIANTS
 
 # Which recipe sections each stage's output depends on. A stage is complete when its marker holds this hash.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -35,41 +38,6 @@ STAGE_SPLITS: dict[str, tuple[str, ...]] = {
     "eval": ("train", "dev", "test"), "profile": ("train", "dev", "test"),
 }
 STAGES = ("synth", "base", "gates", "prune", "eval", "profile", "report")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def seed_everything(seed: int) -> None:
@@ -168,20 +136,14 @@ class RunDir:
     def base_ckpt(self) -> Path:
         return self.path / "checkpoints" / "base.pt"
 
-    @property
-    def finetuned_ckpt(self) -> Path:
-        """The base after fine-tuning under the context-aware gates (gates.finetune_base); later stages use it."""
-        return self.path / "checkpoints" / "base_finetuned.pt"
-
     def finetuned_ckpt_for(self, variant: str) -> Path:
-        """Each learned variant fine-tunes its own copy of the base; `random`/`layerdrop` run on the context one."""
-        if variant in ("static", "dense_tuned"):
-            return self.path / "checkpoints" / f"base_finetuned_{variant}.pt"
-        return self.finetuned_ckpt
+        """The copy of the base a variant adapts under gates.finetune_base (rule variants use another's)."""
+        v = VARIANTS[variant]
+        own = v.own_base or VARIANTS[v.runs_on or ""].own_base
+        return self.checkpoints / str(own)
 
-    @property
-    def gates_ckpt(self) -> Path:
-        return self.path / "checkpoints" / "gates.pt"
+    def predictor_ckpt(self, variant: str) -> Path:
+        return self.checkpoints / str(VARIANTS[variant].predictor_ckpt)
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -194,11 +156,6 @@ class RunDir:
     @property
     def masks(self) -> Path:
         return self.path / "masks.json"
-
-    def sub(self, *parts: str) -> Path:
-        p = self.path.joinpath(*parts)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p
 
     def prepare(self, device: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -213,20 +170,17 @@ class RunDir:
         data = "".join(split_fingerprint(d.manifest_dir, d.kaldi_dir, sp) for sp in STAGE_SPLITS.get(stage, ()))
         return self.recipe.section_hash(*STAGE_SECTIONS[stage]) + "-" + hashlib.sha256(data.encode()).hexdigest()[:8]
 
+    def marker(self, stage: str) -> Path:
+        return self.path / "stages" / f"{stage}.json"
+
     def stage_complete(self, stage: str) -> bool:
-        marker = self.path / "stages" / f"{stage}.json"
+        marker = self.marker(stage)
         if not marker.is_file():
             return False
         try:
             return json.loads(marker.read_text()).get("hash") == self.stage_hash(stage)
         except (OSError, json.JSONDecodeError):
             return False
-
-    def mark_complete(self, stage: str, info: dict[str, Any] | None = None) -> None:
-        atomic_write_json(self.path / "stages" / f"{stage}.json", {"hash": self.stage_hash(stage), **(info or {})})
-
-    def invalidate(self, stage: str) -> None:
-        (self.path / "stages" / f"{stage}.json").unlink(missing_ok=True)
 
     def update_metrics(self, section: str, values: dict[str, Any]) -> None:
         path = self.path / "metrics.json"
@@ -238,19 +192,3 @@ class RunDir:
                 current = {}
         current[section] = values
         atomic_write_json(path, current)
-
-
-def require(path: Path, what: str, producer: str) -> Path:
-    """Fail with the command that produces a missing input."""
-    from prune_cli.errors import MissingInputError
-
-    if not path.exists():
-        raise MissingInputError(f"{path}: {what} not found; produce it with `{producer}`")
-    return path
-
-
-def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-

@@ -15,6 +15,7 @@ from conftest import cli, read_json
 from prune_cli.engine.compare import sign_flip_p
 from prune_cli.engine.metrics import normalize
 from prune_cli.engine.profile import Timer, measure_interleaved, stats_ms
+from prune_cli.engine.runner import _share_base, mark_complete
 from prune_cli.errors import CheckpointError
 from prune_cli.gating.masks import MaskFile
 from prune_cli.recipe import load_recipe
@@ -135,7 +136,7 @@ def test_changed_data_makes_the_stages_that_read_it_stale(tmp_path: Path, smoke_
     recipe, _ = load_recipe("ci_smoke", [f"data.manifest_dir={manifests}"])
     run = RunDir(tmp_path / "run", recipe)
     for stage in ("base", "eval"):
-        run.mark_complete(stage)
+        mark_complete(run, stage)
     test_lines = (manifests / "test.jsonl").read_text().splitlines(keepends=True)
     (manifests / "test.jsonl").write_text("".join(test_lines[:-1]))  # a smaller test set: eval redoes, base does not
     assert run.stage_complete("base") and not run.stage_complete("eval")
@@ -500,7 +501,6 @@ def test_gate_seed_and_distillation_change_only_the_gate_stage(tmp_path: Path, s
 
 
 def test_sweep_point_relinks_a_retrained_parent_base_and_says_so(tmp_path: Path) -> None:
-    from prune_cli.engine.pipeline import _share_base
 
     recipe = load_recipe("ci_smoke")[0]
     parent, child = RunDir(tmp_path / "parent", recipe), RunDir(tmp_path / "parent" / "sweep" / "p", recipe)
@@ -508,7 +508,7 @@ def test_sweep_point_relinks_a_retrained_parent_base_and_says_so(tmp_path: Path)
     (parent.checkpoints / "base.pt").write_bytes(b"first base")
     assert not _share_base(parent, child)  # nothing to share before the parent's base is complete
     assert not (child.checkpoints / "base.pt").exists()
-    parent.mark_complete("base")
+    mark_complete(parent, "base")
     assert not _share_base(parent, child)  # first link: nothing was stale
     assert not _share_base(parent, child)  # same file: nothing to do
     assert child.stage_complete("base") and (child.checkpoints / "base.pt").read_bytes() == b"first base"

@@ -173,7 +173,7 @@ def test_recipe_sweep_points_are_validated_one_line_each(tmp_path: Path) -> None
 
 
 def test_parse_sweep_makes_one_typed_point_per_value() -> None:
-    from prune_cli.engine.pipeline import parse_sweep
+    from prune_cli.engine.runner import parse_sweep
 
     assert parse_sweep("gates.target.decoder=0.25,0.5") == [{"gates.target.decoder": 0.25}, {"gates.target.decoder": 0.5}]
     assert parse_sweep("gates.inputs=[task]") == [{"gates.inputs": ["task"]}]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from prune_cli.atomic import atomic_torch_save
 from prune_cli.data.audio import load_audio
 from prune_cli.data.features import apply_cmvn, fbank
 from prune_cli.data.manifest import Utterance, read_any, split_path
@@ -15,7 +16,6 @@ from prune_cli.data.tokenizer import EOS, Tokenizer
 from prune_cli.errors import DataError
 from prune_cli.progress import log, progress
 from prune_cli.recipe import Recipe
-from prune_cli.runs import atomic_torch_save
 
 IGNORE = -100
 

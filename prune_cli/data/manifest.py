@@ -10,15 +10,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from prune_cli.contexts import LANGS, TASKS, context_key
 from prune_cli.errors import DataError
-from prune_cli.recipe import LANGS, ContextDefaults
-
-TASKS = ("asr", "st")
-
-
-def context_key(task: str, source_lang: str, target_lang: str) -> str:
-    """Stable string key of a context: `asr:de`, `st:de-en`."""
-    return f"asr:{source_lang}" if task == "asr" else f"st:{source_lang}-{target_lang}"
+from prune_cli.recipe import ContextDefaults
 
 
 @dataclass(frozen=True)

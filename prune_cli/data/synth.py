@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from prune_cli.atomic import atomic_write_text
 from prune_cli.errors import DataError
 from prune_cli.recipe import SynthConfig
-from prune_cli.runs import atomic_write_text
 
 # bump when the same plan would render different audio or text
 # (2: segmented de/it compounds; 3: fresh process per chunk; 4: Italian spelling fixes; 5: hashed number splits)
@@ -241,7 +241,7 @@ def build_corpus(
     chunk: int = SYNTH_CHUNK,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Render the corpus and write manifests. Returns {split: {context_key: {utts, hours}}}."""
-    from prune_cli.data.manifest import context_key
+    from prune_cli.contexts import context_key
 
     specs = plan_corpus(cfg, seed)
     out_dir = Path(cfg.out_dir).resolve()

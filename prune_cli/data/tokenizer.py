@@ -6,9 +6,9 @@ import io
 import json
 from pathlib import Path
 
+from prune_cli.atomic import atomic_write_bytes, atomic_write_json
+from prune_cli.contexts import LANGS
 from prune_cli.errors import CheckpointError
-from prune_cli.recipe import LANGS
-from prune_cli.runs import atomic_write_bytes, atomic_write_json
 
 SPECIALS = ["<blank>", "<sos>", "<eos>", "<unk>", "<asr>", "<st>"] + [f"<{lang}>" for lang in LANGS]
 BLANK, SOS, EOS, UNK = 0, 1, 2, 3

@@ -17,6 +17,7 @@ import yaml
 
 from prune_cli.engine.metrics import LOWER_IS_BETTER, bleu_measurable, score_rows, utterance_stats
 from prune_cli.errors import MissingInputError, UsageError
+from prune_cli.variants import CONTEXT, DENSE, DENSE_TUNED, REFERENCES
 
 METHOD = "paired bootstrap over utterances, stratified by context; 95% percentile interval; p two-sided"
 REPLICATED_METHOD = ("the mean over runs of a - b; paired bootstrap over utterances (ci95, p), and over runs and "
@@ -29,12 +30,12 @@ SIGN_FLIP_SALT = 0x51F  # its own stream: [seed, 0x5EED, runs] already draws the
 def comparison_pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
     """Each variant against dense, each pruned one against dense_tuned (the dense copy fine-tuned alike), and the
     context-aware masks against each baseline."""
-    references = ("dense", "dense_tuned")
-    pairs = [(v, "dense") for v in variants if v != "dense" and "dense" in variants]
-    if "dense_tuned" in variants:
-        pairs += [(v, "dense_tuned") for v in variants if v not in references]
-    if "context" in variants:
-        pairs += [("context", b) for b in variants if b not in (*references, "context")]
+    dense, tuned, ctx = DENSE.name, DENSE_TUNED.name, CONTEXT.name
+    pairs = [(v, dense) for v in variants if v != dense and dense in variants]
+    if tuned in variants:
+        pairs += [(v, tuned) for v in variants if v not in REFERENCES]
+    if ctx in variants:
+        pairs += [(ctx, b) for b in variants if b not in (*REFERENCES, ctx)]
     return pairs
 
 

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
+from prune_cli.atomic import atomic_write_json, atomic_write_text
 from prune_cli.data.batching import Split
 from prune_cli.data.features import apply_cmvn
 from prune_cli.engine.compare import comparison_pairs, paired_bootstrap
@@ -18,7 +19,8 @@ from prune_cli.gating.masks import MaskFile
 from prune_cli.model.decoding import DecodeOptions, decode
 from prune_cli.model.s2t import SpeechModel
 from prune_cli.progress import progress
-from prune_cli.runs import atomic_write_json, atomic_write_text
+from prune_cli.recipe import EvalConfig
+from prune_cli.variants import VARIANTS
 
 
 def decode_split(
@@ -32,8 +34,7 @@ def decode_split(
         members = sorted(members, key=lambda i: split.feats[i].shape[0])
         u0 = split.utts[members[0]]
         prompt = tok.prompt(u0.task, u0.source_lang, u0.target_lang)
-        # The CTC head is trained on source transcripts, so it can only score ASR output.
-        task_opts = opts if u0.task == "asr" else replace(opts, ctc_weight=0.0)
+        task_opts = options_for_task(opts, u0.task)
         for start in range(0, len(members), batch_size):
             chunk = members[start : start + batch_size]
             feats = [apply_cmvn(split.feats[i].float(), s.cmvn) for i in chunk]
@@ -44,6 +45,16 @@ def decode_split(
             if bar is not None:
                 bar.advance(len(chunk))
     return hyps
+
+
+def scored_options(cfg: EvalConfig) -> DecodeOptions:
+    """The decoding whose output eval scores (profile times it too)."""
+    return DecodeOptions(cfg.beam_size, cfg.length_penalty, cfg.max_len_ratio, ctc_weight=cfg.ctc_weight)
+
+
+def options_for_task(opts: DecodeOptions, task: str) -> DecodeOptions:
+    """The CTC head is trained on source transcripts, so joint CTC/attention scoring applies to ASR output only."""
+    return opts if task == "asr" else replace(opts, ctc_weight=0.0)
 
 
 def select_subset(split: Split, cap: int | None) -> list[int]:
@@ -59,11 +70,11 @@ def select_subset(split: Split, cap: int | None) -> list[int]:
 def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = s.recipe.eval
     # `dense` is the base as trained; the masked variants run on the base their gates were trained with.
-    masks: MaskFile | None = s.masks(variants) if any(v != "dense" for v in variants) else None
+    masks: MaskFile | None = s.masks(variants) if any(VARIANTS[v].masked for v in variants) else None
     split = s.split(cfg.split)
     idx = [i for i in select_subset(split, s.recipe.data.max_utts_per_context)
            if contexts is None or split.utts[i].context in contexts]
-    opts = DecodeOptions(cfg.beam_size, cfg.length_penalty, cfg.max_len_ratio, ctc_weight=cfg.ctc_weight)
+    opts = scored_options(cfg)
     # A subset (some variants or contexts) goes beside the full evaluation, never over it.
     full = contexts is None and list(variants) == list(cfg.variants)
     out_dir = s.run.path / "eval" if full else s.run.path / "eval" / "partial"

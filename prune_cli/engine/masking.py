@@ -15,6 +15,7 @@ from prune_cli.gating.predictor import ContextInputs, GatePredictor
 from prune_cli.gating.sparsity import SparsitySpec
 from prune_cli.model.s2t import SpeechModel
 from prune_cli.recipe import Recipe
+from prune_cli.variants import VARIANTS
 
 Keep = tuple[bool, ...]
 
@@ -51,11 +52,11 @@ def utterance_patterns(
     s: Session, variant: str, model: SpeechModel, split: Split, idx: Sequence[int], masks: MaskFile | None
 ) -> list[Keep | None]:
     """Keep pattern of each utterance for a variant (None = dense). Per-utterance predictors are re-run."""
-    if variant == "dense":
+    if not VARIANTS[variant].masked:
         return [None] * len(idx)
     assert masks is not None
-    if variant == "context" and masks.per_utterance:
-        pred = s.predictor("context")
+    if VARIANTS[variant].context_inputs and masks.per_utterance:
+        pred = s.predictor(variant)
         spec = spec_from_masks(model, masks)
         return predict_keep(s, pred, spec, split, idx, masks.meta["speakers"], masks.meta.get("context_exact_cut", False))
     return [masks.keep(variant, split.utts[i].context) for i in idx]

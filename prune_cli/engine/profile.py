@@ -14,14 +14,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from prune_cli.atomic import atomic_write_json
 from prune_cli.data.batching import Split
 from prune_cli.data.features import apply_cmvn
+from prune_cli.engine.evaluate import options_for_task, scored_options
 from prune_cli.engine.session import Session
 from prune_cli.model.decoding import DecodeOptions, decode
 from prune_cli.model.flops import count_flops, stable_name
 from prune_cli.model.s2t import SpeechModel
 from prune_cli.progress import progress
-from prune_cli.runs import atomic_write_json
+from prune_cli.variants import DENSE, VARIANTS
 
 
 def percentile(xs: Sequence[float], q: float) -> float:
@@ -126,7 +128,7 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
     # Each variant runs on its own weights (dense: the base as trained; static: its own fine-tuned base), so
     # decoded lengths, and with them decoder FLOPs and latency, are the ones eval scores.
     models = {v: s.variant_model(v) for v in variants}
-    masks = s.masks(variants) if any(v != "dense" for v in variants) else None
+    masks = s.masks(variants) if any(VARIANTS[v].masked for v in variants) else None
     split = s.split(s.recipe.eval.split)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, u in enumerate(split.utts):
@@ -134,26 +136,31 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
             groups[u.context].append(i)
     groups = dict(sorted(groups.items()))
     contexts = list(groups)
-    opts = DecodeOptions(1, 0.0, s.recipe.eval.max_len_ratio)
+    greedy = DecodeOptions(1, 0.0, s.recipe.eval.max_len_ratio)
+    scored = scored_options(s.recipe.eval)
+    # The headline latency is that of the decoding eval scores; greedy is timed beside it when that differs.
+    decodings = {"e2e": scored} | ({"e2e_greedy": greedy} if scored != greedy else {})
     # One pattern per context; with per-utterance gates that is each context's most frequent pattern.
-    keep = {v: {c: None if v == "dense" else masks.keep(v, c) for c in contexts} for v in variants}
+    keep = {v: {c: masks.keep(v, c) if VARIANTS[v].masked else None for c in contexts} for v in variants}
 
     full = list(variants) == list(cfg.variants)  # a subset goes beside the full profile, never over it
     summary: dict[str, Any] = {"complete": full, "device": _device_name(s.device), "threads": torch.get_num_threads(),
-                               "flops_unit": "FLOPs (a multiply-add counts 2)", "variants": {}, "ratios": {},
-                               "latency": {}, "contexts": contexts}
+                               "flops_unit": "FLOPs (a multiply-add counts 2)", "flops_decoding": "greedy",
+                               "decoding": {k: vars(o) for k, o in decodings.items()},
+                               "decoding_label": _label(scored), "variants": {}, "ratios": {}, "contexts": contexts}
     with progress("profile flops", total=len(variants)) as bar:
         for v in variants:
-            summary["variants"][v] = {"flops": variant_flops(s, models[v], split, groups, keep[v], opts)}
+            summary["variants"][v] = {"flops": variant_flops(s, models[v], split, groups, keep[v], greedy)}
             bar.advance()
 
     # Latency: batch of `bs` utterances of one context per call, rotating contexts over repeats.
     timer = Timer(s.device)
     lat: dict[str, dict[str, dict[str, dict[str, float]]]] = defaultdict(lambda: defaultdict(dict))
     tok = s.tokenizer
-    with progress("profile latency", total=len(cfg.batch_sizes) * 2) as bar:
+    parts = ["encoder", *decodings]
+    with progress("profile latency", total=len(cfg.batch_sizes) * len(parts)) as bar:
         for bs in cfg.batch_sizes:
-            for part in ("encoder", "e2e"):
+            for part in parts:
                 samples: dict[str, list[float]] = defaultdict(list)
                 for rep in range(cfg.repeats):
                     ctx = contexts[rep % len(contexts)]
@@ -168,7 +175,8 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
                         if part == "encoder":
                             calls[v] = (lambda k=k, m=models[v]: m.encode(x, lens, k))
                         else:
-                            calls[v] = (lambda k=k, m=models[v]: decode(m, x, lens, prompt, k, opts))
+                            o = options_for_task(decodings[part], u.task)
+                            calls[v] = (lambda k=k, m=models[v], o=o: decode(m, x, lens, prompt, k, o))
                     with torch.inference_mode():
                         # Each new batch shape is warmed for every variant; the order rotates so no variant
                         # is always first after a shape change.
@@ -181,6 +189,8 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
     first = f"bs{cfg.batch_sizes[0]}"
     for v in variants:
         summary["variants"][v]["latency_ms"] = lat[v][first]["e2e"]
+        if "e2e_greedy" in lat[v][first]:
+            summary["variants"][v]["latency_ms_greedy"] = lat[v][first]["e2e_greedy"]
         summary["variants"][v]["latency_by_batch"] = lat[v]
         summary["variants"][v]["sparsity"] = _mean_sparsity(masks, v, contexts)
     if s.device.type == "cuda":
@@ -189,13 +199,14 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
             ctx = contexts[0]
             x, lens = _batch(s, split, groups[ctx])
             u = split.utts[groups[ctx][0]]
-            decode(models[v], x, lens, tok.prompt(u.task, u.source_lang, u.target_lang), keep[v][ctx], opts)
+            decode(models[v], x, lens, tok.prompt(u.task, u.source_lang, u.target_lang), keep[v][ctx],
+                   options_for_task(scored, u.task))
             summary["variants"][v]["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 2)
     summary["cpu_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    dense = summary["variants"].get("dense")
+    dense = summary["variants"].get(DENSE.name)
     if dense:
         for v in variants:
-            if v == "dense":
+            if v == DENSE.name:
                 continue
             sv = summary["variants"][v]
             summary["ratios"][v] = {
@@ -203,16 +214,26 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
                 "latency": round(sv["latency_ms"]["median"] / dense["latency_ms"]["median"], 4),
                 "by_batch": {
                     bs: {part: round(sv["latency_by_batch"][bs][part]["median"] / dense["latency_by_batch"][bs][part]["median"], 4)
-                         for part in ("encoder", "e2e")}
+                         for part in parts}
                     for bs in sv["latency_by_batch"]
                 },
             }
+            if "latency_ms_greedy" in sv:
+                summary["ratios"][v]["latency_greedy"] = round(
+                    sv["latency_ms_greedy"]["median"] / dense["latency_ms_greedy"]["median"], 4)
     atomic_write_json(s.run.path / "profile" / ("summary.json" if full else "partial/summary.json"), summary)
     return summary
 
 
+def _label(opts: DecodeOptions) -> str:
+    """How eval decodes, in words: `beam 4 + CTC 0.3 (asr)` or `greedy`."""
+    if opts.beam_size == 1:
+        return "greedy"
+    return f"beam {opts.beam_size}" + (f" + CTC {opts.ctc_weight} (asr)" if opts.ctc_weight > 0 else "")
+
+
 def _mean_sparsity(masks, variant: str, contexts: list[str]) -> float:  # noqa: ANN001
-    if variant == "dense" or masks is None:
+    if not VARIANTS[variant].masked or masks is None:
         return 0.0
     vals = [masks.stats[variant][c]["sparsity_total"] for c in contexts if c in masks.stats.get(variant, {})]
     return round(sum(vals) / len(vals), 4) if vals else 0.0

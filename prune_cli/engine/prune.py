@@ -5,10 +5,7 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
-
-import torch
 
 from prune_cli.data.batching import Split
 from prune_cli.engine.masking import exact_cut, mode_pattern, predict_keep
@@ -16,8 +13,10 @@ from prune_cli.engine.session import Session
 from prune_cli.gating.masks import MaskFile, layerdrop_mask, random_mask
 from prune_cli.gating.sparsity import SCOPES, SparsitySpec
 from prune_cli.model.checkpoint import read_checkpoint, save_model
+from prune_cli.model.flops import module_flops
 from prune_cli.model.s2t import SpeechModel
 from prune_cli.progress import log
+from prune_cli.variants import CONTEXT, LAYERDROP, RANDOM, VARIANTS
 
 
 def mask_stats(model: SpeechModel, keep: list[int], module_flops: dict[str, int]) -> dict[str, Any]:
@@ -36,11 +35,9 @@ def mask_stats(model: SpeechModel, keep: list[int], module_flops: dict[str, int]
 
 
 def export_masks(s: Session) -> MaskFile:
-    from prune_cli.engine.train import module_flops
-
     model = s.base_model()
     train, test = s.split("train"), s.split(s.recipe.eval.split)
-    ctx_ckpt = read_checkpoint(s.run.gates_ckpt, "prune-cli/gates", "prune-cli train RECIPE --stage gates")
+    ctx_ckpt = read_checkpoint(s.run.predictor_ckpt(CONTEXT.name), "prune-cli/gates", "prune-cli train RECIPE --stage gates")
     targets: dict[str, float] = ctx_ckpt["targets"]
     # Same weighting as training (module count, or FLOPs), so calibrated masks hit the target in the same units.
     floor = ctx_ckpt.get("min_cross_attention", 0)  # gate checkpoints from before the floor have none
@@ -52,30 +49,29 @@ def export_masks(s: Session) -> MaskFile:
     contexts = sorted({u.context for split in (train, test) for u in split.utts})
     variants: dict[str, dict[str, list[int]]] = {}
 
-    pred = s.predictor("context")
-    per_utt = pred.per_utterance
+    per_utt = s.predictor(CONTEXT.name).per_utterance
     context_exact = exact_cut(s.recipe, True)
-    learned = {"context": (pred, context_exact)}
-    if (s.run.checkpoints / "static.pt").is_file():
-        learned["static"] = (s.predictor("static"), exact_cut(s.recipe, False))
     restored: dict[str, list[str]] = {}  # variant -> contexts whose chosen mask had too few cross-attentions
-    for name, (predictor, exact) in learned.items():
-        variants[name] = _masks_for_contexts(s, predictor, spec, [train, test], contexts, speakers, exact)
-        if floor:
-            chosen = _masks_for_contexts(s, predictor, replace(spec, min_cross_attention=0), [train, test], contexts,
-                                         speakers, exact)
-            restored[name] = [c for c in contexts if chosen[c] != variants[name][c]]
-            if restored[name]:
-                log(f"masks: {name}: gates.min_cross_attention={floor} restored cross-attention in "
-                    f"{', '.join(restored[name])}")
-    if s.recipe.gates.train_dense_tuned:  # every module kept, on its own base (the recipe check ensured finetune_base)
-        variants["dense_tuned"] = {c: [1] * model.n_modules for c in contexts}
-    if "random" in s.recipe.prune.baselines:
-        m = random_mask(model.modules_list, targets, s.recipe.seed)
-        variants["random"] = {c: m for c in contexts}
-    if "layerdrop" in s.recipe.prune.baselines:
-        m = layerdrop_mask(model.modules_list, targets)
-        variants["layerdrop"] = {c: m for c in contexts}
+    rules = {RANDOM.name: lambda: random_mask(model.modules_list, targets, s.recipe.seed + RANDOM.seed_key),
+             LAYERDROP.name: lambda: layerdrop_mask(model.modules_list, targets)}
+    for v in VARIANTS.values():
+        if not v.masked or not s.recipe.enabled(v.name):
+            continue
+        if v.kind == "unpruned":  # every module kept, on its own base (the recipe check ensured finetune_base)
+            variants[v.name] = {c: [1] * model.n_modules for c in contexts}
+        elif v.kind == "rule":
+            m = rules[v.name]()
+            variants[v.name] = {c: m for c in contexts}
+        elif s.run.predictor_ckpt(v.name).is_file():
+            predictor, exact = s.predictor(v.name), exact_cut(s.recipe, v.context_inputs)
+            variants[v.name] = _masks_for_contexts(s, predictor, spec, [train, test], contexts, speakers, exact)
+            if floor:
+                chosen = _masks_for_contexts(s, predictor, replace(spec, min_cross_attention=0), [train, test], contexts,
+                                             speakers, exact)
+                restored[v.name] = [c for c in contexts if chosen[c] != variants[v.name][c]]
+                if restored[v.name]:
+                    log(f"masks: {v.name}: gates.min_cross_attention={floor} restored cross-attention in "
+                        f"{', '.join(restored[v.name])}")
     stats = {v: {c: mask_stats(model, keep, flops) for c, keep in table.items()} for v, table in variants.items()}
     own_base = {v: s.base_model(v).weights_hash() for v in variants if s.base_model(v) is not model}
     mf = MaskFile(
@@ -116,7 +112,7 @@ def materialize(s: Session, mf: MaskFile) -> dict[str, dict[str, Any]]:
     save_model(full, model)
     dense_bytes = full.stat().st_size
     full.unlink()
-    for ctx, keep in mf.variants["context"].items():
+    for ctx, keep in mf.variants[CONTEXT.name].items():
         removed = [n for n, k in zip(mf.modules, keep) if not k]
         pruned = SpeechModel(model.dims, removed=removed)
         state = {k: v for k, v in model.state_dict().items() if k in pruned.state_dict()}
@@ -128,27 +124,7 @@ def materialize(s: Session, mf: MaskFile) -> dict[str, dict[str, Any]]:
     return out
 
 
-def plot_heatmap(mf: MaskFile, path: Path, variant: str = "context") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = mf.variants[variant]
-    ctxs = sorted(table)
-    data = torch.tensor([table[c] for c in ctxs]).numpy()
-    fig, ax = plt.subplots(figsize=(max(8, len(mf.modules) * 0.22), 1.2 + 0.35 * len(ctxs)))
-    ax.imshow(data, cmap="Greens", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-    ax.set_yticks(range(len(ctxs)), ctxs)
-    ax.set_xticks(range(len(mf.modules)), mf.modules, rotation=90, fontsize=7)
-    ax.set_title(f"kept modules per context ({variant}); green = kept, white = skipped")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def kept_summary(mf: MaskFile, variant: str = "context") -> list[dict[str, Any]]:
+def kept_summary(mf: MaskFile, variant: str = CONTEXT.name) -> list[dict[str, Any]]:
     """Per context: kept modules per kind, for the interpretability table."""
     rows = []
     for ctx in sorted(mf.variants[variant]):

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from prune_cli.atomic import atomic_torch_save
 from prune_cli.data.batching import Split, load_split
 from prune_cli.data.features import compute_cmvn
 from prune_cli.data.manifest import split_fingerprint
@@ -24,7 +25,8 @@ from prune_cli.model.checkpoint import load_model, read_checkpoint
 from prune_cli.model.s2t import SpeechModel
 from prune_cli.progress import log
 from prune_cli.recipe import Recipe
-from prune_cli.runs import RunDir, atomic_torch_save
+from prune_cli.runs import RunDir
+from prune_cli.variants import CONTEXT, VARIANTS
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -114,7 +116,7 @@ class Session:
         return stats
 
     # ---- models
-    def base_model(self, variant: str = "context") -> SpeechModel:
+    def base_model(self, variant: str = CONTEXT.name) -> SpeechModel:
         """The base a masked variant runs on: with gates.finetune_base, the copy fine-tuned under its own gates."""
         if not self.recipe.gates.finetune_base:
             return self.dense_model()
@@ -125,7 +127,7 @@ class Session:
         return self._load(self.run.base_ckpt, "prune-cli train RECIPE --stage base")
 
     def variant_model(self, variant: str) -> SpeechModel:
-        return self.dense_model() if variant == "dense" else self.base_model(variant)
+        return self.base_model(variant) if VARIANTS[variant].masked else self.dense_model()
 
     def _load(self, path: Path, hint: str) -> SpeechModel:
         key = str(path)
@@ -134,21 +136,20 @@ class Session:
             self._models[key] = model.to(self.device).eval()
         return self._models[key]
 
-    def predictor(self, which: str = "context") -> GatePredictor:
-        """`context` (the context-aware predictor) or `static` (the no-input baseline)."""
-        path = self.run.gates_ckpt if which == "context" else self.run.checkpoints / "static.pt"
-        blob = read_checkpoint(path, "prune-cli/gates", "prune-cli train RECIPE --stage gates")
+    def predictor(self, variant: str = CONTEXT.name) -> GatePredictor:
+        """A learned variant's gate predictor (the static one has no inputs)."""
+        blob = read_checkpoint(self.run.predictor_ckpt(variant), "prune-cli/gates", "prune-cli train RECIPE --stage gates")
         pred = build_predictor(self.recipe, blob["n_modules"], blob["inputs"], blob["speakers"])
         pred.load_state_dict(blob["state_dict"])
         return pred.to(self.device).eval()
 
-    def masks(self, variants: Sequence[str] = ("context",)) -> MaskFile:
+    def masks(self, variants: Sequence[str] = (CONTEXT.name,)) -> MaskFile:
         """masks.json, checked against the base each of `variants` runs on."""
         path = self.run.masks
         if not path.is_file():
             raise MissingInputError(f"{path}: masks not found; produce them with `prune-cli prune RECIPE`")
         mf = MaskFile.load(path)
-        for v in dict.fromkeys(v for v in variants if v != "dense"):
+        for v in dict.fromkeys(v for v in variants if VARIANTS[v].masked):
             if v not in mf.variants:
                 raise CheckpointError(f"{path}: no {v!r} masks (has: {', '.join(mf.variants)}); see prune.baselines "
                                       "and gates.train_static")
@@ -160,3 +161,4 @@ class Session:
 def build_predictor(recipe: Recipe, n_modules: int, inputs: list[str], speakers: list[str]) -> GatePredictor:
     g = recipe.gates
     return GatePredictor(n_modules, inputs, g.embed_dim, g.hidden, recipe.features.n_mels, len(speakers), g.init_keep_logit)
+

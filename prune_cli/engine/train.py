@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from prune_cli.atomic import append_jsonl, atomic_torch_save
 from prune_cli.data.batching import IGNORE, Batch, Split, collate, make_batches, shard
 from prune_cli.data.features import spec_augment
 from prune_cli.engine.masking import exact_cut
@@ -25,10 +26,11 @@ from prune_cli.engine.session import Session, build_predictor, init_distributed
 from prune_cli.gating.predictor import ContextInputs, GatePredictor, deterministic_gates, gumbel_straight_through, tau_at
 from prune_cli.gating.sparsity import SparsitySpec, calibration_shift
 from prune_cli.model.checkpoint import load_model, save_model
-from prune_cli.model.flops import count_flops, per_module_flops
+from prune_cli.model.flops import module_flops
 from prune_cli.model.s2t import SpeechModel, count_params, dims_from_recipe
 from prune_cli.progress import log, progress
-from prune_cli.runs import append_jsonl, atomic_torch_save, derived_generator, seed_everything
+from prune_cli.runs import derived_generator, seed_everything
+from prune_cli.variants import TRAINED
 
 SPECAUG_SALT, GUMBEL_SALT, MODULE_DROP_SALT = 1, 2, 3
 
@@ -375,16 +377,6 @@ def train_base(s: Session) -> dict[str, float]:
     return final
 
 
-def module_flops(model: SpeechModel, frames: int, tokens: int) -> dict[str, int]:
-    """FLOPs of each prunable module for one utterance of `frames` input frames and `tokens` decoder tokens."""
-    dev = next(model.parameters()).device
-    x = torch.zeros(1, frames, model.dims.n_mels, device=dev)
-    y = torch.zeros(1, tokens, dtype=torch.long, device=dev)
-    with torch.no_grad():
-        rep = count_flops(lambda: model(x, torch.tensor([frames], device=dev), y), list_uncounted=False)
-    return per_module_flops(rep.by_module, [m.name for m in model.modules_list])
-
-
 @torch.no_grad()
 def calibrate_thresholds(s: Session, predictor: GatePredictor, spec: SparsitySpec, train: Split, speakers: list[str],
                          step: int, n: int = 512) -> None:
@@ -425,20 +417,18 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
     sparsity = SparsitySpec.build(model.modules_list, g.scope, {"encoder": g.target.encoder, "decoder": g.target.decoder},
                                   flops, g.min_cross_attention)
     results: dict[str, dict[str, float]] = {}
-    variants: list[tuple[str, list[str] | None, Path | None]] = [("gates", list(g.inputs), s.run.gates_ckpt)]
-    if g.train_static:
-        variants.append(("static", [], s.run.checkpoints / "static.pt"))
-    if g.train_dense_tuned:  # no predictor: every module kept, the base fine-tuned as the others are
-        variants.append(("dense_tuned", None, None))
-    for name, inputs, out_path in variants:
-        seed_everything(seed + len(name))
+    for n, v in enumerate(x for x in TRAINED if r.enabled(x.name)):
+        name = str(v.loop)
+        seed_everything(seed + v.seed_key)
         # With fine-tuning, each learned variant adapts its own copy of the base, on the same schedule and budget:
         # the static baseline gets what the context-aware gates get.
         joint = g.finetune_base
-        if joint and name != variants[0][0]:
+        if joint and n > 0:
             model = _load_base(s)
         for p in model.parameters():
             p.requires_grad_(joint)
+        # No predictor for an unpruned variant: every module kept, the base fine-tuned as the others are.
+        inputs = None if v.kind == "unpruned" else (list(g.inputs) if v.context_inputs else [])
         predictor = None if inputs is None else build_predictor(r, model.n_modules, inputs, speakers).to(s.device)
         base_group = {"params": list(model.parameters()), "lr": g.base_lr, "name": "base"}
         params: list[dict[str, Any]] = []
@@ -456,7 +446,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
                     params[0]["stop"] = g.freeze_step
         freeze = g.freeze_step if g.phased else None
         obj = GateObjective(model, predictor, sparsity, s, speakers, g.anneal_steps, seed,
-                            calibrated=exact_cut(r, bool(inputs)), frozen_from=freeze, teacher=teacher)
+                            calibrated=exact_cut(r, v.context_inputs), frozen_from=freeze, teacher=teacher)
 
         def train_mode(predictor: GatePredictor | None = predictor, joint: bool = joint) -> None:
             if predictor is not None:
@@ -471,7 +461,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
         # The context-aware predictor's thresholds are calibrated when it stops learning: at the freeze point of
         # phased training (so the base adapts to the calibrated masks), or at the end when the base stays frozen.
         calibrate_at: int | None = None
-        if g.calibrate and inputs and not exact_cut(r, True):
+        if g.calibrate and v.context_inputs and not exact_cut(r, True):
             calibrate_at = freeze if joint else g.steps  # joint without phases never freezes: freeze is None
 
         def before_step(step: int, predictor: GatePredictor | None = predictor, at: int | None = calibrate_at) -> None:
@@ -489,15 +479,15 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
         if calibrate_at == g.steps and predictor is not None:  # frozen base: after the last step (idempotent on resume)
             calibrate_thresholds(s, predictor, sparsity, train, speakers, g.steps)
         if s.dist.is_main:
-            if predictor is not None and out_path is not None:
-                atomic_torch_save(out_path, {
+            if predictor is not None:
+                atomic_torch_save(s.run.predictor_ckpt(v.name), {
                     "kind": "prune-cli/gates", "inputs": inputs, "speakers": speakers, "n_modules": model.n_modules,
                     "state_dict": predictor.state_dict(), "scope": g.scope, "targets": sparsity.targets,
                     "module_flops": flops, "params": count_params(predictor),
                     "min_cross_attention": g.min_cross_attention,
                 })
             if joint:
-                save_model(s.run.finetuned_ckpt_for("context" if name == "gates" else name), model.cpu())
+                save_model(s.run.finetuned_ckpt_for(v.name), model.cpu())
                 model.to(s.device)
         results[name] = metrics
     if s.dist.is_main:

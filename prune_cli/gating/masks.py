@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prune_cli.atomic import atomic_write_json
 from prune_cli.errors import CheckpointError
 from prune_cli.model.s2t import PrunableModule
-from prune_cli.runs import atomic_write_json
+from prune_cli.variants import CONTEXT
 
 FORMAT = 1
 
@@ -41,7 +42,7 @@ class MaskFile:
     def save(self, path: Path) -> None:
         atomic_write_json(path, {
             "format": FORMAT, "arch_hash": self.arch_hash, "weights_hash": self.weights_hash,
-            "modules": self.modules, "per_utterance": self.per_utterance, "masks": self.variants.get("context", {}),
+            "modules": self.modules, "per_utterance": self.per_utterance, "masks": self.variants.get(CONTEXT.name, {}),
             "variants": self.variants, "stats": self.stats, "meta": self.meta, "variant_weights": self.variant_weights,
         })
 
@@ -59,7 +60,7 @@ class MaskFile:
                     raise CheckpointError(f"{path}: variant {variant} context {ctx}: expected {len(mf.modules)} 0/1 values")
         return mf
 
-    def check_model(self, modules: list[str], arch_hash: str, weights_hash: str, path: Path, variant: str = "context") -> None:
+    def check_model(self, modules: list[str], arch_hash: str, weights_hash: str, path: Path, variant: str = CONTEXT.name) -> None:
         if modules != self.modules or arch_hash != self.arch_hash:
             raise CheckpointError(
                 f"{path}: mask file belongs to another architecture (arch {self.arch_hash}, "

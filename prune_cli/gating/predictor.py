@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prune_cli.data.manifest import TASKS
-from prune_cli.recipe import LANGS
+from prune_cli.contexts import LANGS, TASKS
 
 SKIP, KEEP = 0, 1
 

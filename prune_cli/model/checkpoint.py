@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
+from prune_cli.atomic import atomic_torch_save
 from prune_cli.errors import CheckpointError, MissingInputError
 from prune_cli.model.s2t import ModelDims, SpeechModel
-from prune_cli.runs import atomic_torch_save
 
 
 def save_model(path: Path, model: SpeechModel, **extra: Any) -> None:

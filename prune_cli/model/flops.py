@@ -106,3 +106,28 @@ def per_module_flops(by_module: dict[str, int], module_names: list[str]) -> dict
         elif name in out:
             out[name] += f
     return out
+
+
+def module_flops(model: torch.nn.Module, frames: int, tokens: int) -> dict[str, int]:
+    """FLOPs of each prunable module of a SpeechModel for one utterance of `frames` input frames and `tokens`
+    decoder tokens (teacher-forced forward)."""
+    dev = next(model.parameters()).device
+    x = torch.zeros(1, frames, model.dims.n_mels, device=dev)
+    y = torch.zeros(1, tokens, dtype=torch.long, device=dev)
+    with torch.no_grad():
+        rep = count_flops(lambda: model(x, torch.tensor([frames], device=dev), y), list_uncounted=False)
+    return per_module_flops(rep.by_module, [m.name for m in model.modules_list])
+
+
+def module_summary(model: torch.nn.Module, frames: int, tokens: int) -> dict[str, object]:
+    """Parameters per prunable module kind, and FLOPs per prunable module, for one utterance of the given size."""
+    flops = module_flops(model, frames, tokens)
+    by_kind: dict[str, dict[str, int]] = {}
+    for m in model.modules_list:
+        part, i, kind = m.name.split(".")
+        k = by_kind.setdefault(f"{part}.{kind}", {"params": 0, "flops": 0, "count": 0})
+        k["params"] += sum(p.numel() for p in getattr(getattr(model, part).layers[int(i)], kind).parameters())
+        k["flops"] += flops[m.name]
+        k["count"] += 1
+    return {"params_total": sum(p.numel() for p in model.parameters()), "prunable_modules": model.n_modules,
+            "frames": frames, "tokens": tokens, "flops_unit": "FLOPs", "by_kind": by_kind, "per_module_flops": flops}

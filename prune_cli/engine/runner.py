@@ -1,4 +1,8 @@
-"""Stages chained: resumable `run`, parameter sweeps, and reproducibility checks against another run."""
+"""The stage runner: the one place that decides whether a stage is current, runs it, and writes its marker.
+
+Every CLI command that runs a stage goes through `run_stage` or `run_stages`; `run` adds sweeps on top.
+A stage is current when its marker (stages/<stage>.json) holds the hash of the recipe sections and data it read.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,15 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from prune_cli.atomic import atomic_write_json
 from prune_cli.data.synth import SYNTH_VERSION, build_corpus
 from prune_cli.engine.session import Session
 from prune_cli.errors import UsageError
+from prune_cli.plots import plot_cost, plot_heatmap, plot_pareto
 from prune_cli.progress import log, progress
 from prune_cli.recipe import Recipe, build_recipe, parse_override, point_label, sweep_point_raw
-from prune_cli.runs import BITWISE_ENV_KEYS, STAGES, RunDir, atomic_write_json
+from prune_cli.runs import STAGES, RunDir
+from prune_cli.variants import TRAINED, VARIANTS
 
 # ---------------------------------------------------------------- stages
 
@@ -55,17 +62,17 @@ def stage_base(s: Session) -> dict[str, Any]:
 def stage_gates(s: Session) -> dict[str, Any]:
     from prune_cli.engine.train import train_gates
 
-    _fresh_if_changed(s, "gates", ["gates", "static", "dense_tuned"])
+    _fresh_if_changed(s, "gates", [str(v.loop) for v in TRAINED])
     return train_gates(s)
 
 
 def stage_prune(s: Session, materialize: bool | None = None) -> dict[str, Any]:
-    from prune_cli.engine.prune import export_masks, kept_summary, plot_heatmap
+    from prune_cli.engine.prune import export_masks, kept_summary
     from prune_cli.engine.prune import materialize as write_pruned
 
     mf = export_masks(s)
-    for v in (v for v in mf.variants if v != "dense_tuned"):  # keeps every module: nothing to draw
-        plot_heatmap(mf, s.run.path / "plots" / f"masks_{v}.png", v)
+    for v in (v for v in mf.variants if VARIANTS[v].plot_masks):
+        plot_heatmap(mf.modules, mf.variants[v], s.run.path / "plots" / f"masks_{v}.png", v)
     out: dict[str, Any] = {"masks": str(s.run.masks), "kept": kept_summary(mf), "stats": mf.stats,
                            "per_utterance": mf.per_utterance}
     if materialize if materialize is not None else s.recipe.prune.materialize:
@@ -82,7 +89,6 @@ def stage_eval(s: Session, variants: list[str] | None = None, contexts: list[str
 
 def stage_profile(s: Session, variants: list[str] | None = None) -> dict[str, Any]:
     from prune_cli.engine.profile import profile
-    from prune_cli.report import plot_cost
 
     summary = profile(s, variants or s.recipe.profile.variants)
     if summary["complete"]:
@@ -109,19 +115,24 @@ STAGE_FUNCS: dict[str, Callable[[Session], dict[str, Any]]] = {
 }
 
 
+def mark_complete(run: RunDir, stage: str, info: dict[str, Any] | None = None) -> None:
+    """Write a stage's marker: its outputs are complete for the current config and data."""
+    atomic_write_json(run.marker(stage), {"hash": run.stage_hash(stage), **(info or {})})
+
+
 def reset_stage(s: Session, stage: str) -> None:
     """--force: forget a stage's outputs so it is redone from scratch (and, through hashes, what follows)."""
-    s.run.invalidate(stage)
+    s.run.marker(stage).unlink(missing_ok=True)
     if stage == "synth":
         (Path(s.recipe.data.manifest_dir) / "corpus.json").unlink(missing_ok=True)
     if stage == "base":
         for p in (s.run.checkpoints / "base", s.run.tokenizer_dir, s.run.cmvn, s.run.base_ckpt):
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     if stage == "gates":
-        for p in (s.run.checkpoints / "gates", s.run.checkpoints / "static", s.run.checkpoints / "dense_tuned",
-                  s.run.gates_ckpt, s.run.checkpoints / "static.pt", s.run.finetuned_ckpt,
-                  s.run.finetuned_ckpt_for("static"), s.run.finetuned_ckpt_for("dense_tuned")):
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        for v in TRAINED:
+            shutil.rmtree(s.run.checkpoints / str(v.loop), ignore_errors=True)
+            for p in (s.run.finetuned_ckpt_for(v.name), *([s.run.predictor_ckpt(v.name)] if v.predictor_ckpt else [])):
+                p.unlink(missing_ok=True)
 
 
 def is_complete(s: Session, stage: str) -> bool:
@@ -130,7 +141,19 @@ def is_complete(s: Session, stage: str) -> bool:
     return s.run.stage_complete(stage)
 
 
-def run_stages(s: Session, stages: list[str], force: list[str], recipe_path: str, overrides: list[str]) -> dict[str, Any]:
+def run_stage(s: Session, stage: str, **kwargs: Any) -> dict[str, Any]:
+    """Run one stage (resuming where its checkpoints allow) and mark it complete when its output is whole.
+
+    eval and profile of a subset of variants or contexts write beside the full results and mark nothing."""
+    result = STAGE_FUNCS[stage](s, **kwargs)
+    if stage != "synth" and s.dist.is_main and result.get("complete", True):
+        mark_complete(s.run, stage)
+    return result
+
+
+def run_stages(s: Session, stages: list[str], force: list[str], recipe_path: str, overrides: list[str],
+               skip_current: bool = True) -> dict[str, Any]:
+    """Stages in order, each skipped when current (unless `skip_current` is off); `force` redoes a stage and those after it."""
     from prune_cli.report import write_report
 
     results: dict[str, Any] = {}
@@ -141,14 +164,12 @@ def run_stages(s: Session, stages: list[str], force: list[str], recipe_path: str
         if stage == "report":
             results["report"] = str(write_report(s.run.path, recipe_path, overrides))
             continue
-        if is_complete(s, stage):
+        if skip_current and is_complete(s, stage):
             log(f"[{stage}] up to date, skipped (use --force {stage} to redo it)")
             results[stage] = "skipped"
             continue
         log(f"[{stage}] running")
-        results[stage] = STAGE_FUNCS[stage](s)
-        if stage != "synth":
-            s.run.mark_complete(stage)
+        results[stage] = run_stage(s, stage)
     return results
 
 
@@ -213,7 +234,7 @@ def _share_base(parent: RunDir, child: RunDir) -> bool:
             replaced = True
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.link(src, dst)
-    child.mark_complete("base", {"shared_from": str(parent.path)})
+    mark_complete(child, "base", {"shared_from": str(parent.path)})
     return replaced
 
 
@@ -232,80 +253,26 @@ def _sweep_row(run_dir: Path, point: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def plot_pareto(rows: list[dict[str, Any]], path: Path, keys: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for ci, cost in enumerate(("flops_ratio", "latency_ratio")):
-        for ri, metric in enumerate(("wer", "bleu")):
-            ax = axes[ri][ci]
-            for variant, marker in (("dense", "s"), ("context", "o"), ("static", "^")):
-                pts = [(r[variant][cost], r[variant].get(metric)) for r in rows if variant in r and r[variant].get(metric) is not None]
-                if pts:
-                    xs, ys = zip(*sorted(pts))
-                    ax.plot(xs, ys, marker=marker, label=variant)
-            ax.set_xlabel(f"{cost.replace('_', ' ')} (pruned/dense)")
-            ax.set_ylabel(f"avg {metric.upper()}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle(f"quality vs cost, sweep over {keys}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+# ---------------------------------------------------------------- `run`
 
 
-# ---------------------------------------------------------------- reproducibility
+def run_pipeline(s: Session, raw: dict[str, Any], recipe_path: str, overrides: list[str], stages: list[str],
+                 force: list[str], sweep_points: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """`prune-cli run`: the chosen stages (current ones skipped), then the recipe's sweep, or only `sweep_points`.
 
+    `raw` is the recipe as read, with the overrides applied: each sweep point's values go on top of it."""
+    def make(r: Recipe, path: Path) -> Session:
+        return Session(r, RunDir(path, r), s.device)
 
-def env_differences(run_dir: Path, other: Path) -> list[str]:
-    """The env.json fields, among those that decide bit-identical results, on which two runs differ."""
-    envs = []
-    for d in (run_dir, other):
-        try:
-            envs.append(json.loads((d / "env.json").read_text()))
-        except (OSError, ValueError):
-            envs.append({})
-    a, b = envs
-    return [f"{k} {a.get(k, 'not recorded')!r} vs {b.get(k, 'not recorded')!r}" for k in BITWISE_ENV_KEYS if a.get(k) != b.get(k)]
+    if sweep_points:
+        for p in sweep_points:  # every sweep point must be a valid recipe before anything runs
+            build_recipe(sweep_point_raw(raw, p), recipe_path)
+        return {"sweep": sweep(s, raw, sweep_points, make, recipe_path, overrides)}
+    result = run_stages(s, [st for st in STAGES if st in stages], force, recipe_path, overrides)
+    if "sweep" in stages and s.recipe.sweep:
+        result["sweep"] = sweep(s, raw, s.recipe.sweep, make, recipe_path, overrides)
+        if "report" in stages:  # now with the sweep's table
+            from prune_cli.report import write_report
 
-
-def check_against(run_dir: Path, other: Path, tol: dict[str, float]) -> list[str]:
-    """Differences beyond tolerance between two runs' eval summaries and masks, one line each."""
-    problems: list[str] = []
-    for rel in ("eval/summary.json", "masks.json"):
-        for d in (run_dir, other):
-            if not (d / rel).is_file():
-                problems.append(f"{d / rel}: missing")
-    if problems:
-        return problems
-    a = json.loads((run_dir / "eval" / "summary.json").read_text())
-    b = json.loads((other / "eval" / "summary.json").read_text())
-    for v in sorted(set(a["variants"]) | set(b["variants"])):
-        ta, tb = a["variants"].get(v, {}), b["variants"].get(v, {})
-        for ctx in sorted(set(ta) | set(tb)):
-            if ctx not in ta or ctx not in tb:
-                problems.append(f"eval {v} {ctx}: present in only one run")
-                continue
-            for m in sorted(set(ta[ctx]) | set(tb[ctx])):
-                if m == "n":
-                    if ta[ctx].get("n") != tb[ctx].get("n"):
-                        problems.append(f"eval {v} {ctx}: n {ta[ctx].get('n')} != {tb[ctx].get('n')}")
-                    continue
-                x, y = ta[ctx].get(m), tb[ctx].get(m)
-                if x is None or y is None or abs(x - y) > tol.get(m, 0.0):
-                    problems.append(f"eval {v} {ctx} {m}: {x} vs {y} (tolerance {tol.get(m, 0.0)})")
-    ma = json.loads((run_dir / "masks.json").read_text())
-    mb = json.loads((other / "masks.json").read_text())
-    if ma["modules"] != mb["modules"]:
-        problems.append("masks: different module lists")
-    for v in sorted(set(ma["variants"]) | set(mb["variants"])):
-        for ctx in sorted(set(ma["variants"].get(v, {})) | set(mb["variants"].get(v, {}))):
-            x, y = ma["variants"].get(v, {}).get(ctx), mb["variants"].get(v, {}).get(ctx)
-            if x != y:
-                diff = "missing" if x is None or y is None else f"{sum(p != q for p, q in zip(x, y))} module(s) differ"
-                problems.append(f"masks {v} {ctx}: {diff}")
-    return problems
+            result["report"] = str(write_report(s.run.path, recipe_path, overrides))
+    return result

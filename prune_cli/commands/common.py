@@ -1,0 +1,102 @@
+"""What every command shares: option types, the error-to-exit-code mapping, output, overrides and the session."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterator, Optional
+
+import typer
+
+from prune_cli.errors import PruneCliError, UsageError
+from prune_cli.progress import MODE, err_console
+
+EXIT_CHECK_FAILED = 3
+
+RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML path or bundled recipe name (demo, study, ci_smoke).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: key.path=value (YAML scalar or list).")]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Overrides after the recipe, torchtune style: key.path=value ...",
+                                                             show_default=False)]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory (default runs/<recipe name>).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+VariantsOpt = Annotated[Optional[str], typer.Option(help="Comma list of variants (default: the recipe's).")]
+
+
+@contextmanager
+def guarded(debug: bool, json_out: bool = False, quiet: bool = False) -> Iterator[None]:
+    """Map errors onto exit codes with one line per problem; tracebacks only with --debug."""
+    MODE.json, MODE.quiet = json_out, quiet
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except PruneCliError as e:
+        for line in e.problems:
+            err_console.print(f"error: {line}", markup=False, soft_wrap=True)
+        if debug:
+            traceback.print_exc()
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted; rerun the same command to resume", markup=False)
+        raise typer.Exit(130) from None
+    except Exception as e:  # noqa: BLE001 - last line of defence: no bare traceback without --debug
+        err_console.print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", markup=False, soft_wrap=True)
+        if debug:
+            traceback.print_exc()
+        raise typer.Exit(1) from None
+
+
+def emit(result: Any, json_out: bool, render: Callable[[], object] | None = None) -> None:
+    """The JSON document on stdout with --json; otherwise the human view."""
+    if json_out:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    elif render is not None:
+        render()
+
+
+def override_list(set_: list[str] | None, overrides: list[str] | None) -> list[str]:
+    """--set values, then positional key=value overrides (later wins)."""
+    bad = [o for o in overrides or [] if "=" not in o]
+    if bad:
+        raise UsageError([f"unexpected argument {o!r}: overrides are key.path=value" for o in bad])
+    return [*(set_ or []), *(overrides or [])]
+
+
+def csv_list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def variant_list(value: str | None) -> list[str] | None:
+    from prune_cli.variants import NAMES
+
+    vs = csv_list(value)
+    bad = [v for v in vs or [] if v not in NAMES]
+    if bad:
+        raise UsageError([f"--variants: unknown variant {v!r} ({', '.join(NAMES)})" for v in bad])
+    return vs
+
+
+def open_session(recipe: str, sets: list[str], run_dir: Path | None, device: str):  # noqa: ANN201
+    """The recipe (validated once, here), its run dir prepared, the device: what every stage needs."""
+    from prune_cli.engine.session import Session, resolve_device
+    from prune_cli.recipe import load_recipe_raw
+    from prune_cli.runs import RunDir
+
+    r, path, raw = load_recipe_raw(recipe, sets)
+    dev = resolve_device(device)
+    run = RunDir(run_dir or Path("runs") / r.name, r)
+    run.prepare(str(dev))
+    return Session(r, run, dev), path, raw
+
+
+def print_tables(*tables: Any) -> None:
+    from prune_cli.report import print_table
+
+    for t in tables:
+        print_table(t)

@@ -1,0 +1,101 @@
+"""`recipe`, `data` and `model`: the sub-commands that inspect inputs rather than run stages."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from prune_cli.commands.common import DebugOpt, JsonOpt, OverridesArg, QuietOpt, RecipeArg, SetOpt, emit, guarded, override_list
+from prune_cli.progress import err_console
+
+recipe_app = typer.Typer(no_args_is_help=True, help="List, show and validate recipes.")
+data_app = typer.Typer(no_args_is_help=True, help="Build the demo corpus and check manifests.")
+model_app = typer.Typer(no_args_is_help=True, help="Inspect the model.")
+
+
+
+@recipe_app.command("list")
+def recipe_list(json_out: JsonOpt = False) -> None:
+    """Bundled recipes."""
+    from prune_cli.recipe import bundled_recipes
+
+    items = [{"name": p.stem, "path": str(p)} for p in bundled_recipes()]
+    emit(items, json_out, lambda: [print(f"{i['name']:<16} {i['path']}") for i in items])
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: RecipeArg, overrides: OverridesArg = None, set_: SetOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Print the resolved recipe (includes and overrides applied)."""
+    with guarded(debug, json_out):
+        from prune_cli.recipe import load_recipe, to_yaml
+
+        r, _ = load_recipe(recipe, override_list(set_, overrides))
+        emit(r.to_dict(), json_out, lambda: sys.stdout.write(to_yaml(r)))
+
+
+@recipe_app.command("validate")
+def recipe_validate(recipe: RecipeArg, overrides: OverridesArg = None, set_: SetOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Check a recipe: unknown keys (with the close match), types, values. Exit 2 on any problem."""
+    with guarded(debug, json_out):
+        from prune_cli.recipe import load_recipe
+
+        _, path = load_recipe(recipe, override_list(set_, overrides))
+        emit({"recipe": str(path), "valid": True}, json_out, lambda: print(f"{path}: ok"))
+
+
+@data_app.command("synth")
+def data_synth(recipe: RecipeArg, overrides: OverridesArg = None, set_: SetOpt = None, json_out: JsonOpt = False,
+               quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
+    """Build the multilingual demo corpus (eSpeak NG + num2words) and its manifests."""
+    with guarded(debug, json_out, quiet):
+        from prune_cli.engine.runner import synthesize
+        from prune_cli.recipe import load_recipe
+        from prune_cli.report import corpus_table
+
+        r, _ = load_recipe(recipe, override_list(set_, overrides))
+        summary = synthesize(r)
+        emit(summary, json_out, lambda: Console().print(corpus_table(r.data.manifest_dir, summary)))
+
+
+@data_app.command("check")
+def data_check(manifests: Annotated[list[Path], typer.Argument(help="JSONL manifests or Kaldi data dirs.")],
+               sample_rate: Annotated[int, typer.Option(help="Expected sample rate.")] = 16000,
+               tolerance: Annotated[float, typer.Option(help="Allowed duration mismatch in seconds.")] = 0.05,
+               json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Validate every line: JSON, fields, audio exists and decodes, duration, sample rate, text, task, language."""
+    with guarded(debug, json_out):
+        from prune_cli.data.check import check_manifest
+        from prune_cli.recipe import ContextDefaults
+
+        report = [dict(zip(("utterances", "problems"), check_manifest(m, sample_rate, tolerance, ContextDefaults())), manifest=str(m))
+                  for m in manifests]
+        problems = [p for r in report for p in r["problems"]]
+        if json_out:
+            emit({"ok": not problems, "manifests": report}, True)
+        else:
+            for p in problems:
+                err_console.print(p, markup=False, soft_wrap=True)
+            for r in report:
+                print(f"{r['manifest']}: {r['utterances']} utterances, {len(r['problems'])} problem(s)")
+        if problems:
+            raise typer.Exit(1)
+
+
+@model_app.command("summary")
+def model_summary(recipe: RecipeArg, frames: Annotated[int, typer.Option(help="Input frames (10 ms each).")] = 300,
+                  tokens: Annotated[int, typer.Option(help="Decoder tokens.")] = 12, overrides: OverridesArg = None,
+                  set_: SetOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Parameters per module kind and FLOPs per prunable module for a given input length."""
+    with guarded(debug, json_out):
+        from prune_cli.model.flops import module_summary
+        from prune_cli.model.s2t import SpeechModel, dims_from_recipe
+        from prune_cli.recipe import load_recipe
+        from prune_cli.report import model_table
+
+        r, _ = load_recipe(recipe, override_list(set_, overrides))
+        out = module_summary(SpeechModel(dims_from_recipe(r.model, r.features.n_mels, r.tokenizer.vocab_size + 16)).eval(), frames, tokens)
+        emit(out, json_out, lambda: Console().print(model_table(out)))
