@@ -20,11 +20,12 @@ if free < $(NEED_GIB) and not glob.glob("$(VENV)/lib/python*/site-packages/torch
 endef
 export DISK_CHECK
 
-# Reinstalled when pyproject.toml changes (the stamp is older), idempotent otherwise.
-$(STAMP): pyproject.toml
+# Reinstalled when pyproject.toml or constraints.txt changes (the stamp is older), idempotent otherwise.
+# constraints.txt pins the exact versions CI uses; pyproject.toml holds compatible ranges.
+$(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c "$$DISK_CHECK"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 test: $(STAMP)

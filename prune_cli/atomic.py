@@ -1,30 +1,71 @@
 """Atomic file writes: a temp file in the same folder, fsync, rename. Readers never see a half-written file.
 
-A leaf module: it imports nothing from prune_cli, so every layer may use it.
+Files get the mode the user's umask gives a new file (mkstemp alone would make them 0600), and JSON never holds NaN
+or Infinity: a non-finite number is written as null. A leaf module: it imports only the error types.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from prune_cli.errors import DiskFullError
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and ("No space left" in str(e) or "file write failed" in str(e))
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temp path beside `path` to write to; renamed over `path` when the block succeeds, removed otherwise."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        if _disk_full(e):
+            raise DiskFullError(f"no space left on device: {path}") from None
+        raise
+    try:
+        os.chmod(tmp, _file_mode())
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if _disk_full(e):
+            raise DiskFullError(f"no space left on device: {path}") from None
         raise
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None: strict JSON has no NaN or Infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON (non-finite numbers as null); anything else unknown as its string."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False, default=str)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -39,7 +80,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, dumps(obj) + "\n")
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
@@ -58,5 +99,10 @@ def atomic_savefig(fig: Any, path: Path, dpi: int = 110) -> None:
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
     """Logs grow line by line; a torn last line is the only possible damage, and readers skip it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(dumps(row, indent=None) + "\n")
+    except OSError as e:
+        if _disk_full(e):
+            raise DiskFullError(f"no space left on device: {path}") from None
+        raise

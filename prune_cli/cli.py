@@ -93,6 +93,9 @@ def eval_(recipe: RecipeArg, variants: VariantsOpt = None,
           contexts: Annotated[Optional[str], typer.Option(help="Comma list of context keys, e.g. asr:de,st:de-en.")] = None,
           max_wer: Annotated[Optional[float], typer.Option(help="Exit 3 if any ASR context's WER is above this.")] = None,
           min_bleu: Annotated[Optional[float], typer.Option(help="Exit 3 if any scorable ST context's BLEU is below this.")] = None,
+          manifest: Annotated[Optional[Path], typer.Option(help="Score another test set (JSONL manifest or Kaldi dir) into eval/sets/NAME/.")] = None,
+          name: Annotated[Optional[str], typer.Option(help="That set's name (default: the manifest's stem).")] = None,
+          context: Annotated[Optional[str], typer.Option(help="Context of its utterances that name none, e.g. asr:de or st:de-en.")] = None,
           overrides: OverridesArg = None, set_: SetOpt = None, run_dir: RunDirOpt = None, device: DeviceOpt = "auto",
           json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
     """Decode each context with each variant; WER/CER for ASR, BLEU/chrF for ST."""
@@ -101,8 +104,11 @@ def eval_(recipe: RecipeArg, variants: VariantsOpt = None,
         from prune_cli.engine.runner import run_stage
         from prune_cli.report import comparison_table, eval_table
 
+        if (name or context) and manifest is None:
+            raise UsageError("--name and --context go with --manifest")
         s, _, _ = open_session(recipe, override_list(set_, overrides), run_dir, device)
-        summary = run_stage(s, "eval", variants=variant_list(variants), contexts=csv_list(contexts))
+        extra = s.eval_set(manifest, name or (manifest.name if manifest.is_dir() else manifest.stem), context) if manifest else None
+        summary = run_stage(s, "eval", variants=variant_list(variants), contexts=csv_list(contexts), eval_set=extra)
         emit(summary, json_out, lambda: print_tables(eval_table(summary), *([comparison_table(summary)] if summary.get("comparisons") else [])))
         fails = quality_gate(summary, max_wer if max_wer is not None else s.recipe.eval.max_wer,
                              min_bleu if min_bleu is not None else s.recipe.eval.min_bleu)
@@ -190,4 +196,21 @@ def compare(a: Annotated[str, typer.Argument(help="RUN_DIR[:VARIANT] (variant de
 
 
 def main() -> None:
-    app()
+    """The entry point: usage errors print one line, as every other error does (exit 2)."""
+    import sys
+
+    from typer.exceptions import Abort, TyperException
+
+    try:
+        rv = app(standalone_mode=False)
+    except TyperException as e:  # the command-line parser's errors (typer's own copy of click's)
+        if type(e).__name__ == "NoArgsIsHelpError":  # `prune-cli` alone, or a group alone: the help is the answer
+            e.show()
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        where = f"{ctx.command_path}: " if ctx is not None else ""
+        err_console.print(f"error: {where}{' '.join(e.format_message().split())} (see --help)", markup=False, soft_wrap=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    except Abort:
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -29,3 +29,15 @@ class MissingInputError(PruneCliError):
 
 class CheckpointError(PruneCliError):
     """Unreadable or mismatched checkpoint / mask file."""
+
+
+class DiskFullError(PruneCliError):
+    """A write ran out of space; the message names the file. Nothing written before is lost (writes are atomic)."""
+
+
+class RunDirInUse(PruneCliError):
+    """Another process owns the run dir."""
+
+
+class TrainingError(PruneCliError):
+    """Training diverged (a non-finite loss): nothing is saved and the stage is not marked complete."""

@@ -32,6 +32,11 @@ def log(msg: str) -> None:
         err_console.print(msg, markup=False, soft_wrap=True)
 
 
+def warn(msg: str) -> None:
+    """A warning on stderr, also under --quiet: it says something about the results."""
+    err_console.print(f"warning: {msg}", markup=False, soft_wrap=True)
+
+
 class _Task:
     def __init__(self, desc: str, total: int | None, bar: Progress | None):
         self.desc, self.total, self.bar = desc, total, bar

@@ -224,6 +224,8 @@ class EvalConfig:
     min_bleu: Optional[float] = None
     # Resamples of the paired bootstrap that compares variants' averages (context vs static, each vs dense); 0: off.
     bootstrap: int = 1000
+    # A test context prune made no mask for: `error`, or serve it with the `static` mask or the `nearest` trained one.
+    unseen_contexts: Literal[("error", STATIC.name, "nearest")] = "error"  # type: ignore[valid-type]
 
 
 @dataclass
@@ -289,11 +291,28 @@ class Recipe:
 # ---------------------------------------------------------------- YAML loading
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's float pattern needs a dot, so `1e-3` would load as a string: YAML 1.2's also takes exponents."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)"
+               r"|[-+]?(?:[0-9][0-9_]*)\.[0-9_]*|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -301,7 +320,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise UsageError(f"{path}: invalid YAML: {e}") from None
     if data is None:
-        return {}
+        raise UsageError(f"{path}: empty recipe")
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a recipe must be a mapping at top level, got {type(data).__name__}")
     return data
@@ -351,7 +370,7 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
         raise UsageError(f"--set {text!r}: expected key.path=value")
     key, value = text.split("=", 1)
     try:
-        parsed = yaml.safe_load(value) if value != "" else ""
+        parsed = load_yaml(value) if value != "" else ""
     except yaml.YAMLError:
         parsed = value
     return tuple(key.strip().split(".")), parsed
@@ -535,6 +554,26 @@ def _semantic_checks(r: Recipe) -> list[str]:
         errs.append(f"eval.bootstrap: must be 0 (off) or >= 100 resamples, got {r.eval.bootstrap}")
     if r.tokenizer.vocab_size < 16:
         errs.append("tokenizer.vocab_size: must be >= 16")
+    positive = {
+        "base.steps": r.base.steps, "base.lr": r.base.lr, "base.val_every": r.base.val_every,
+        "base.save_every": r.base.save_every, "base.log_every": r.base.log_every, "base.grad_accum": r.base.grad_accum,
+        "gates.steps": r.gates.steps, "gates.lr": r.gates.lr, "gates.static_lr": r.gates.static_lr,
+        "gates.base_lr": r.gates.base_lr, "gates.val_every": r.gates.val_every, "gates.save_every": r.gates.save_every,
+        "gates.log_every": r.gates.log_every, "gates.tau_start": r.gates.tau_start, "gates.tau_end": r.gates.tau_end,
+        "data.max_frames_per_batch": r.data.max_frames_per_batch, "data.sample_rate": r.data.sample_rate,
+        "eval.batch_size": r.eval.batch_size, "profile.repeats": r.profile.repeats, "profile.threads": r.profile.threads,
+        "profile.utts_per_context": r.profile.utts_per_context, "features.n_mels": r.features.n_mels,
+    }
+    errs += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if isinstance(v, (int, float)) and not v > 0]
+    non_negative = {"base.warmup_steps": r.base.warmup_steps, "base.weight_decay": r.base.weight_decay, "base.clip": r.base.clip,
+                    "base.keep_best": r.base.keep_best, "gates.alpha": r.gates.alpha, "profile.warmup": r.profile.warmup,
+                    "gates.target_warmup_steps": r.gates.target_warmup_steps}
+    errs += [f"{k}: must be >= 0, got {v}" for k, v in non_negative.items() if isinstance(v, (int, float)) and not v >= 0]
+    if r.data.max_utts_per_context is not None and r.data.max_utts_per_context < 1:
+        errs.append(f"data.max_utts_per_context: must be >= 1 (or null), got {r.data.max_utts_per_context}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r.name) or ".." in r.name:
+        errs.append(f"name: {r.name!r} must be a plain folder name (letters, digits, '.', '_', '-'; no '/' or '..'): "
+                    "the run dir is runs/<name>")
     return errs
 
 

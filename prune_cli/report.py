@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from prune_cli.atomic import atomic_write_text
+from prune_cli.atomic import atomic_write_text, dumps
 from prune_cli.recipe import point_label
 from prune_cli.variants import NAMES
 
@@ -182,6 +182,23 @@ def write_report(run_dir: Path, recipe_path: str, overrides: list[str]) -> Path:
             lines += [f"Differences of the averages, {ev['comparisons']['method']} ({ev['comparisons']['samples']} "
                       "resamples). WER/CER: lower is better; BLEU/chrF: higher.", "",
                       markdown_table(COMPARISON_HEADER, comparison_rows(ev)), ""]
+    for set_summary in sorted((run_dir / "eval" / "sets").glob("*/summary.json")):
+        es = _read(set_summary)
+        if not es.get("set"):
+            continue
+        info = es["set"]
+        h, rows = quality_rows(es)
+        notes = [f"{sum(info['utterances'].values())} utterances in {len(info['utterances'])} contexts, manifest "
+                 f"fingerprint {info['fingerprint']}"]
+        if info.get("context_defaulted"):
+            notes.append(f"{info['context_defaulted']} took the default context")
+        if es.get("fallbacks"):
+            served = ", ".join(f"{c} -> {f['to']}" for c, f in es["fallbacks"].items())
+            notes.append(f"contexts without a trained mask served by: {served}")
+        lines += [f"## Test set {info['name']} ({info['manifest']})", "", "; ".join(notes) + ".", "",
+                  markdown_table(h, rows), ""]
+        if es.get("comparisons"):
+            lines += [markdown_table(COMPARISON_HEADER, comparison_rows(es)), ""]
     if masks:
         lines += ["## Masks", "", "![mask heatmap](plots/masks_context.png)", ""]
         st = masks["stats"]
@@ -218,9 +235,9 @@ def write_report(run_dir: Path, recipe_path: str, overrides: list[str]) -> Path:
         lines += ["## Sweep", "", "More operating points, each trained on this run's base (see `sweep/`). Averages; "
                   "ratios pruned/dense.", "", markdown_table(*sweep_rows(sweep)), "", "![quality vs cost](plots/pareto.png)", ""]
     if metrics.get("base"):
-        lines += ["## Training", "", f"Base: {json.dumps(metrics['base'])}", ""]
+        lines += ["## Training", "", f"Base: {dumps(metrics['base'], indent=None)}", ""]
     if metrics.get("gates"):
-        lines += [f"Gates: {json.dumps(metrics['gates'])}", ""]
+        lines += [f"Gates: {dumps(metrics['gates'], indent=None)}", ""]
     lines += ["## Rerun each stage", "", "```sh"]
     for stage in ("base", "gates"):
         lines.append(f"prune-cli train {recipe_path} --stage {stage}{sets}{rd}")
@@ -265,6 +282,16 @@ def corpus_table(manifest_dir: str, summary: dict[str, Any]) -> Table:
     for split, table in summary.items():
         for ctx, e in sorted(table.items()):
             t.add_row(split, ctx, str(e["utts"]), f"{e['hours']:.3f}")
+    return t
+
+
+def contexts_table(title: str, contexts: dict[str, dict[str, float]]) -> Table:
+    t = Table(title=f"contexts in {title}")
+    t.add_column("context")
+    for col in ("utterances", "hours"):
+        t.add_column(col, justify="right")
+    for ctx, e in contexts.items():
+        t.add_row(ctx, str(e["utterances"]), f"{e['hours']:.3f}")
     return t
 
 

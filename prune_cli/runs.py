@@ -4,6 +4,7 @@ Stage markers are read here and written only by the stage runner (engine/runner.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -11,8 +12,9 @@ import platform
 import random
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ import torch
 from prune_cli import __version__
 from prune_cli.atomic import atomic_write_json, atomic_write_text
 from prune_cli.data.manifest import split_fingerprint
+from prune_cli.errors import RunDirInUse
 from prune_cli.recipe import Recipe, to_yaml
 from prune_cli.variants import VARIANTS
 
@@ -126,6 +129,8 @@ class RunDir:
     def __init__(self, path: Path, recipe: Recipe):
         self.path = path
         self.recipe = recipe
+        self._lock: IO[str] | None = None
+        self.device = "cpu"
 
     # layout
     @property
@@ -157,10 +162,37 @@ class RunDir:
     def masks(self) -> Path:
         return self.path / "masks.json"
 
-    def prepare(self, device: str) -> None:
+    def lock(self) -> None:
+        """Own the run dir for this process's lifetime: an advisory lock, released on exit, also after a crash.
+
+        Under torchrun only rank 0 locks (the other ranks work for it)."""
+        if int(os.environ.get("RANK", "0")) != 0 or self._lock is not None:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / ".lock", "a+")  # noqa: SIM115 - held open until the process ends
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            f.close()
+            raise RunDirInUse(f"{self.path}: run dir in use by {owner}") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"PID {os.getpid()} (started {datetime.now().astimezone().isoformat(timespec='seconds')})\n")
+        f.flush()
+        self._lock = f
+
+    def open(self, device: str) -> None:
+        """Own the run dir for this command; nothing is written to it until a stage completes."""
+        self.device = device
+        self.lock()
+
+    def record(self) -> None:
+        """The resolved config and the environment of the stage that just completed: a command that fails, or only
+        reads (an eval of another test set), leaves the run's record as it was."""
         atomic_write_text(self.path / "config.yaml", to_yaml(self.recipe))
-        atomic_write_json(self.path / "env.json", env_info(device, self.recipe.seed))
+        atomic_write_json(self.path / "env.json", env_info(self.device, self.recipe.seed))
 
     # stage bookkeeping
     def stage_hash(self, stage: str) -> str:

@@ -125,7 +125,7 @@ def test_data_check_finds_planted_errors_with_line_numbers(tmp_path: Path, smoke
     lines[5] = json.dumps({**good[5], "task": "summarize"})  # line 6
     m = tmp_path / "bad.jsonl"
     m.write_text("\n".join(lines) + "\n")
-    n, problems = check_manifest(m, 16000, 0.05, ContextDefaults())
+    n, problems, *_ = check_manifest(m, 16000, 0.05, ContextDefaults())
     by_line = {int(p.split(":")[1]) for p in problems}
     assert by_line == {2, 3, 4, 5, 6}, problems
     assert any(":2: audio file not found" in p for p in problems)
@@ -146,7 +146,7 @@ def test_wrong_sample_rate_is_reported(tmp_path: Path) -> None:
     sf.write(wav, torch.zeros(8000).numpy(), 8000)
     m = tmp_path / "m.jsonl"
     m.write_text(json.dumps({"audio_filepath": "a.wav", "duration": 1.0, "text": "one"}) + "\n")
-    _, problems = check_manifest(m, 16000, 0.05, ContextDefaults())
+    _, problems, *_ = check_manifest(m, 16000, 0.05, ContextDefaults())
     assert problems == [f"{m}:1: sample rate 8000 Hz, expected 16000 Hz (it would be resampled)"]
 
 
@@ -215,6 +215,7 @@ def test_specaugment_is_seeded() -> None:
 
 def test_bad_audio_stops_or_is_skipped(tmp_path: Path, smoke_corpus: list[str]) -> None:
     from prune_cli.data.batching import load_split
+    from prune_cli.engine.session import split_spec
     from prune_cli.errors import DataError
     from prune_cli.recipe import load_recipe
 
@@ -228,8 +229,8 @@ def test_bad_audio_stops_or_is_skipped(tmp_path: Path, smoke_corpus: list[str]) 
     (d / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe, _ = load_recipe("ci_smoke", [f"data.manifest_dir={d}"])
     with pytest.raises(DataError) as e:
-        load_split(recipe, "dev")
+        load_split(split_spec(recipe, "dev"))
     assert f"{d / 'dev.jsonl'}:3:" in e.value.problems[0]
     recipe, _ = load_recipe("ci_smoke", [f"data.manifest_dir={d}", "data.on_error=skip"])
-    split = load_split(recipe, "dev")
+    split = load_split(split_spec(recipe, "dev"))
     assert len(split) == 3 and split.skipped == 1

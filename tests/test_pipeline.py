@@ -413,8 +413,8 @@ def test_joint_finetuning_saves_the_finetuned_base_used_downstream(tmp_path: Pat
     assert [x["lr_base"] > 0 for x in rows] == [False] * 2 + [True] * 4
     # the Gumbel temperature anneals over the predictor's two steps, ending at tau_end when it stops learning
     assert [x.get("tau") for x in rows] == [1.0, pytest.approx(0.1)] + [None] * 4
-    base = torch.load(run_dir / "checkpoints" / "base.pt", weights_only=False)["state_dict"]
-    tuned = torch.load(run_dir / "checkpoints" / "base_finetuned.pt", weights_only=False)["state_dict"]
+    base = torch.load(run_dir / "checkpoints" / "base.pt", weights_only=True)["state_dict"]
+    tuned = torch.load(run_dir / "checkpoints" / "base_finetuned.pt", weights_only=True)["state_dict"]
     assert any(not torch.equal(base[k], tuned[k]) for k in base)
     masks = read_json(run_dir / "masks.json")
     from prune_cli.model.checkpoint import load_model
@@ -495,8 +495,8 @@ def test_gate_seed_and_distillation_change_only_the_gate_stage(tmp_path: Path, s
     assert train_rows and all(x["distill"] > 0 for x in train_rows)
     without = [json.loads(x) for x in (smoke_run / "logs" / "gates.jsonl").read_text().splitlines()]
     assert not any("distill" in x or "val_distill" in x for x in without)  # off: no teacher, nothing logged
-    new = torch.load(run_dir / "checkpoints" / "gates.pt", weights_only=False)["state_dict"]
-    old = torch.load(smoke_run / "checkpoints" / "gates.pt", weights_only=False)["state_dict"]
+    new = torch.load(run_dir / "checkpoints" / "gates.pt", weights_only=True)["state_dict"]
+    old = torch.load(smoke_run / "checkpoints" / "gates.pt", weights_only=True)["state_dict"]
     assert any(not torch.equal(new[k], old[k]) for k in old)  # another seed (and the KL term): another predictor
 
 

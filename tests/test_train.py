@@ -15,7 +15,7 @@ from conftest import ROOT, cli, read_json
 
 
 def _state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def test_killed_training_resumes_to_identical_weights(smoke_root: Path, smoke_corpus: list[str]) -> None:
@@ -36,7 +36,7 @@ def test_killed_training_resumes_to_identical_weights(smoke_root: Path, smoke_co
     proc.wait()
     assert last.exists(), "training never wrote a checkpoint"
     assert not (killed / "checkpoints" / "base.pt").exists(), "the run finished before it could be killed"
-    killed_at = torch.load(last, weights_only=False)["step"]
+    killed_at = torch.load(last, weights_only=True)["step"]
     assert 0 < killed_at < 40
 
     r = cli("train", "ci_smoke", "--stage", "base", *smoke_corpus, "--run-dir", str(killed))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import traceback
 from contextlib import contextmanager
@@ -11,6 +10,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 
+from prune_cli.atomic import dumps
 from prune_cli.errors import PruneCliError, UsageError
 from prune_cli.progress import MODE, err_console
 
@@ -20,7 +20,7 @@ RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML path or bundled reci
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: key.path=value (YAML scalar or list).")]
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Overrides after the recipe, torchtune style: key.path=value ...",
                                                              show_default=False)]
-RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory (default runs/<recipe name>).")]
+RunDirOpt = Annotated[Optional[str], typer.Option("--run-dir", help="Run directory (default runs/<recipe name>).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
@@ -53,9 +53,9 @@ def guarded(debug: bool, json_out: bool = False, quiet: bool = False) -> Iterato
 
 
 def emit(result: Any, json_out: bool, render: Callable[[], object] | None = None) -> None:
-    """The JSON document on stdout with --json; otherwise the human view."""
+    """The JSON document on stdout with --json (strict: NaN and Infinity become null); otherwise the human view."""
     if json_out:
-        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        sys.stdout.write(dumps(result) + "\n")
     elif render is not None:
         render()
 
@@ -82,16 +82,18 @@ def variant_list(value: str | None) -> list[str] | None:
     return vs
 
 
-def open_session(recipe: str, sets: list[str], run_dir: Path | None, device: str):  # noqa: ANN201
-    """The recipe (validated once, here), its run dir prepared, the device: what every stage needs."""
+def open_session(recipe: str, sets: list[str], run_dir: str | None, device: str):  # noqa: ANN201
+    """The recipe (validated once, here), its run dir locked, the device: what every stage needs."""
     from prune_cli.engine.session import Session, resolve_device
     from prune_cli.recipe import load_recipe_raw
     from prune_cli.runs import RunDir
 
+    if run_dir is not None and not run_dir.strip():
+        raise UsageError("--run-dir: empty path")
     r, path, raw = load_recipe_raw(recipe, sets)
     dev = resolve_device(device)
-    run = RunDir(run_dir or Path("runs") / r.name, r)
-    run.prepare(str(dev))
+    run = RunDir(Path(run_dir) if run_dir else Path("runs") / r.name, r)
+    run.open(str(dev))
     return Session(r, run, dev), path, raw
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
 from prune_cli.commands.common import DebugOpt, JsonOpt, OverridesArg, QuietOpt, RecipeArg, SetOpt, emit, guarded, override_list
-from prune_cli.progress import err_console
+from prune_cli.progress import err_console, warn
 
 recipe_app = typer.Typer(no_args_is_help=True, help="List, show and validate recipes.")
 data_app = typer.Typer(no_args_is_help=True, help="Build the demo corpus and check manifests.")
@@ -65,21 +65,31 @@ def data_synth(recipe: RecipeArg, overrides: OverridesArg = None, set_: SetOpt =
 def data_check(manifests: Annotated[list[Path], typer.Argument(help="JSONL manifests or Kaldi data dirs.")],
                sample_rate: Annotated[int, typer.Option(help="Expected sample rate.")] = 16000,
                tolerance: Annotated[float, typer.Option(help="Allowed duration mismatch in seconds.")] = 0.05,
+               max_seconds: Annotated[Optional[float], typer.Option(help="Longest audio allowed (default: what the model takes).")] = None,
+               context: Annotated[Optional[str], typer.Option(help="Context of utterances that name none, e.g. asr:de.")] = None,
                json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
-    """Validate every line: JSON, fields, audio exists and decodes, duration, sample rate, text, task, language."""
+    """Validate every line: JSON, UTF-8, fields, unique ids, audio exists and decodes whole, duration, rate, length."""
     with guarded(debug, json_out):
         from prune_cli.data.check import check_manifest
+        from prune_cli.engine.session import parse_context
+        from prune_cli.model.s2t import max_input_frames
         from prune_cli.recipe import ContextDefaults
+        from prune_cli.report import contexts_table
 
-        report = [dict(zip(("utterances", "problems"), check_manifest(m, sample_rate, tolerance, ContextDefaults())), manifest=str(m))
-                  for m in manifests]
+        limit = max_seconds if max_seconds is not None else max_input_frames() / 100
+        defaults = parse_context(context) if context else ContextDefaults()
+        report = [{"manifest": str(m), **check_manifest(m, sample_rate, tolerance, defaults, limit)._asdict()} for m in manifests]
         problems = [p for r in report for p in r["problems"]]
         if json_out:
-            emit({"ok": not problems, "manifests": report}, True)
+            emit({"ok": not problems, "max_seconds": limit, "manifests": report}, True)
         else:
             for p in problems:
                 err_console.print(p, markup=False, soft_wrap=True)
             for r in report:
+                if r["defaulted"]:
+                    warn(f"{r['manifest']}: {r['defaulted']} utterance(s) name no task or source language and took the "
+                         f"default context {context or 'asr:en'} (give the right one with --context)")
+                Console().print(contexts_table(r["manifest"], r["contexts"]))
                 print(f"{r['manifest']}: {r['utterances']} utterances, {len(r['problems'])} problem(s)")
         if problems:
             raise typer.Exit(1)

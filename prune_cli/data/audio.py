@@ -23,6 +23,35 @@ def probe(path: Path) -> tuple[int, int]:
     return int(info.samplerate), int(info.frames)
 
 
+def wav_header_frames(path: Path) -> int | None:
+    """Frames the RIFF header's data chunk declares (None for other formats): libsndfile reports the frames actually
+    present, so a truncated WAV looks whole to it; the header still says how long the file should be."""
+    if path.suffix.lower() != ".wav":
+        return None
+    try:
+        with open(path, "rb") as f:
+            riff = f.read(12)
+            if riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+                return None
+            block_align = 0
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                cid, size = head[:4], int.from_bytes(head[4:], "little")
+                if cid == b"fmt ":
+                    fmt = f.read(size)
+                    block_align = int.from_bytes(fmt[12:14], "little")
+                    if size % 2:
+                        f.read(1)
+                elif cid == b"data":
+                    return size // block_align if block_align else None
+                else:
+                    f.seek(size + size % 2, 1)
+    except OSError:
+        return None
+
+
 def load_audio(path: Path, sample_rate: int) -> torch.Tensor:
     """Mono float32 waveform at `sample_rate`. Raises DataError for missing, corrupt or empty files."""
     if not path.is_file():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -11,11 +11,11 @@ import torch
 from prune_cli.atomic import atomic_torch_save
 from prune_cli.data.audio import load_audio
 from prune_cli.data.features import apply_cmvn, fbank
-from prune_cli.data.manifest import Utterance, read_any, split_path
+from prune_cli.data.manifest import Utterance, read_any
 from prune_cli.data.tokenizer import EOS, Tokenizer
-from prune_cli.errors import DataError
-from prune_cli.progress import log, progress
-from prune_cli.recipe import Recipe
+from prune_cli.errors import DataError, MissingInputError
+from prune_cli.progress import log, progress, warn
+from prune_cli.recipe import ContextDefaults
 
 IGNORE = -100
 
@@ -32,60 +32,81 @@ class Split:
         return len(self.utts)
 
 
-def read_split(recipe: Recipe, split: str) -> tuple[list[Utterance], list[str]]:
-    path = split_path(recipe.data.manifest_dir, recipe.data.kaldi_dir, split)
-    if not path.exists():
-        from prune_cli.errors import MissingInputError
+@dataclass(frozen=True)
+class SplitSpec:
+    """What to read for a split and how to featurize it: plain values, no recipe."""
 
-        raise MissingInputError(
-            f"{path}: manifest not found; build the demo corpus with `prune-cli data synth RECIPE` "
-            "or point data.manifest_dir / data.kaldi_dir at your data"
-        )
-    return read_any(path, recipe.data.defaults)
+    path: Path  # a JSONL manifest or a Kaldi data dir
+    defaults: ContextDefaults
+    sample_rate: int
+    n_mels: int
+    on_error: str  # fail | skip
+    max_frames: int | None = None  # the longest input the model takes, in 10 ms frames
 
 
-def load_split(recipe: Recipe, split: str, cache: Path | None = None) -> Split:
+def load_split(spec: SplitSpec, cache: Path | None = None) -> Split:
     """Read, validate and featurize a split. Bad utterances stop the run, or are skipped with data.on_error=skip."""
     if cache is not None and cache.is_file():
         try:
-            blob = torch.load(cache, weights_only=False)
-            return Split(blob["utts"], blob["feats"], blob["skipped"])
+            blob = torch.load(cache, weights_only=True)
+            utts = [Utterance(**{**u, "audio": Path(u["audio"])}) for u in blob["utts"]]
+            return Split(utts, blob["feats"], blob["skipped"])
         except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt, never trusted
             cache.unlink(missing_ok=True)
-    utts, problems = read_split(recipe, split)
-    fail = recipe.data.on_error == "fail"
+    if not spec.path.exists():
+        if spec.path.suffix != ".jsonl":
+            raise MissingInputError(f"{spec.path}: Kaldi data dir not found; data.kaldi_dir needs train/ dev/ test/ "
+                                    "subdirs, each with wav.scp and text")
+        raise MissingInputError(f"{spec.path}: manifest not found; build the demo corpus with `prune-cli data synth RECIPE` "
+                                "or point data.manifest_dir / data.kaldi_dir at your data")
+    utts, problems = read_any(spec.path, spec.defaults)
+    fail = spec.on_error == "fail"
+    name = spec.path.stem if spec.path.is_file() else spec.path.name
     if problems and fail:
-        raise DataError(problems + [f"{len(problems)} problem(s) in the {split} manifest (data.on_error=skip skips them)"])
+        raise DataError(problems + [f"{len(problems)} problem(s) in the {name} manifest (data.on_error=skip skips them)"])
     good: list[Utterance] = []
     feats: list[torch.Tensor] = []
+    too_long: list[str] = []
     skipped = len(problems)
-    with progress(f"features {split}", total=len(utts)) as bar:
+    with progress(f"features {name}", total=len(utts)) as bar:
         for u in utts:
+            bar.advance()
             try:
-                wav = load_audio(u.audio, recipe.data.sample_rate)
+                wav = load_audio(u.audio, spec.sample_rate)
             except DataError as e:
                 if fail:
                     raise DataError(f"{u.where}: {e.problems[0]}") from None
                 skipped += 1
-                bar.advance()
                 continue
-            f = fbank(wav, recipe.data.sample_rate, recipe.features.n_mels)
+            f = fbank(wav, spec.sample_rate, spec.n_mels)
             if f.shape[0] < 8:
                 if fail:
                     raise DataError(f"{u.where}: audio too short ({wav.shape[0]} samples)")
                 skipped += 1
-                bar.advance()
+                continue
+            if spec.max_frames is not None and f.shape[0] > spec.max_frames:
+                too_long.append(f"{u.where}: {f.shape[0] / 100:.1f} s is longer than the model takes "
+                                f"({spec.max_frames / 100:.1f} s)")
+                skipped += 1
                 continue
             good.append(u)
             feats.append(f.to(torch.float16))
-            bar.advance()
+    if too_long and fail:  # all of them, before any training step
+        raise DataError(too_long + [f"{len(too_long)} utterance(s) too long in the {name} manifest "
+                                    "(data.on_error=skip skips them)"])
     if skipped:
-        log(f"{split}: skipped {skipped} bad utterance(s) (data.on_error=skip)")
+        log(f"{name}: skipped {skipped} bad utterance(s) (data.on_error=skip)")
+    defaulted = sum(u.context_defaulted for u in good)
+    if defaulted:
+        d = spec.defaults
+        warn(f"{spec.path}: {defaulted} of {len(good)} utterances have no task or source language and took the default "
+             f"context ({d.task}, {d.source_lang}{'-' + d.target_lang if d.target_lang else ''}; data.defaults or --context)")
     if not good:
-        raise DataError(f"{split}: no usable utterances")
+        raise DataError(f"{name}: no usable utterances")
     out = Split(good, feats, skipped)
     if cache is not None:
-        atomic_torch_save(cache, {"utts": good, "feats": feats, "skipped": skipped})
+        plain = [{**asdict(u), "audio": str(u.audio)} for u in good]  # plain data: the cache loads with weights_only
+        atomic_torch_save(cache, {"utts": plain, "feats": feats, "skipped": skipped})
     return out
 
 

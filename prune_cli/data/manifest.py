@@ -27,6 +27,7 @@ class Utterance:
     speaker: str
     source_text: str | None
     where: str  # file:line, for error messages
+    context_defaulted: bool = False  # task or source language came from the defaults, not from the data
 
     @property
     def context(self) -> str:
@@ -74,6 +75,7 @@ def parse_row(row: object, where: str, base: Path, defaults: ContextDefaults) ->
         audio=audio, duration=float(duration or 0.0), text=" ".join(text.split()), task=task,
         source_lang=src, target_lang=tgt, speaker=str(row.get("speaker", "unknown")),
         source_text=row.get("source_text"), where=where,
+        context_defaulted="task" not in row or "source_lang" not in row,
     )
     return utt, []
 
@@ -85,9 +87,14 @@ def read_jsonl(path: Path, defaults: ContextDefaults) -> tuple[list[Utterance], 
     utts: list[Utterance] = []
     problems: list[str] = []
     base = path.resolve().parent
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                problems.append(f"{where}: not valid UTF-8")
+                continue
             if not line.strip():
                 continue
             try:
@@ -102,11 +109,16 @@ def read_jsonl(path: Path, defaults: ContextDefaults) -> tuple[list[Utterance], 
     return utts, problems
 
 
-def _read_table(path: Path) -> dict[str, str]:
+def _read_table(path: Path, problems: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     if not path.is_file():
         return out
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append(f"{path}:{lineno}: not valid UTF-8")
+            continue
         parts = line.strip().split(maxsplit=1)
         if parts:
             out[parts[0]] = parts[1] if len(parts) > 1 else ""
@@ -121,12 +133,12 @@ def read_kaldi_dir(d: Path, defaults: ContextDefaults) -> tuple[list[Utterance],
     wav_scp = d / "wav.scp"
     if not wav_scp.is_file() or not (d / "text").is_file():
         raise DataError(f"{d}: not a Kaldi data dir (needs wav.scp and text)")
-    wavs, texts = _read_table(wav_scp), _read_table(d / "text")
-    spk, lang, task, tgt = (_read_table(d / n) for n in ("utt2spk", "utt2lang", "utt2task", "utt2tgtlang"))
-    src_text = _read_table(d / "text.src")
-    durs = _read_table(d / "utt2dur")
-    utts: list[Utterance] = []
     problems: list[str] = []
+    wavs, texts = _read_table(wav_scp, problems), _read_table(d / "text", problems)
+    spk, lang, task, tgt = (_read_table(d / n, problems) for n in ("utt2spk", "utt2lang", "utt2task", "utt2tgtlang"))
+    src_text = _read_table(d / "text.src", problems)
+    durs = _read_table(d / "utt2dur", problems)
+    utts: list[Utterance] = []
     for lineno, (uid, wav) in enumerate(wavs.items(), 1):
         where = f"{wav_scp}:{lineno}"
         if wav.endswith("|"):
@@ -135,10 +147,11 @@ def read_kaldi_dir(d: Path, defaults: ContextDefaults) -> tuple[list[Utterance],
         if uid not in texts:
             problems.append(f"{where}: utterance {uid} has no entry in text")
             continue
-        row = {
-            "audio_filepath": wav, "text": texts[uid], "utt_id": uid, "speaker": spk.get(uid, "unknown"),
-            "task": task.get(uid, defaults.task), "source_lang": lang.get(uid, defaults.source_lang),
-        }
+        row = {"audio_filepath": wav, "text": texts[uid], "utt_id": uid, "speaker": spk.get(uid, "unknown")}
+        if uid in task:
+            row["task"] = task[uid]
+        if uid in lang:
+            row["source_lang"] = lang[uid]
         if uid in tgt:
             row["target_lang"] = tgt[uid]
         if uid in src_text:
@@ -153,7 +166,17 @@ def read_kaldi_dir(d: Path, defaults: ContextDefaults) -> tuple[list[Utterance],
 
 
 def read_any(path: Path, defaults: ContextDefaults) -> tuple[list[Utterance], list[str]]:
-    return read_kaldi_dir(path, defaults) if path.is_dir() else read_jsonl(path, defaults)
+    """A JSONL manifest or a Kaldi dir: its utterances (a repeated id keeps its first line) and one line per problem."""
+    utts, problems = read_kaldi_dir(path, defaults) if path.is_dir() else read_jsonl(path, defaults)
+    first: dict[str, Utterance] = {}
+    unique: list[Utterance] = []
+    for u in utts:
+        if u.utt_id in first:
+            problems.append(f"{u.where}: duplicate utterance id {u.utt_id!r} (first at {first[u.utt_id].where})")
+        else:
+            first[u.utt_id] = u
+            unique.append(u)
+    return unique, problems
 
 
 def split_path(manifest_dir: str, kaldi_dir: str | None, split: str) -> Path:

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from prune_cli.atomic import atomic_write_json, atomic_write_text
+from prune_cli.atomic import atomic_write_json, atomic_write_text, json_safe
 from prune_cli.data.batching import Split
 from prune_cli.data.features import apply_cmvn
 from prune_cli.engine.compare import comparison_pairs, paired_bootstrap
 from prune_cli.engine.masking import group_by_pattern, utterance_patterns
 from prune_cli.engine.metrics import NORMALIZATION, asr_scores, bleu_measurable, st_scores, utterance_score
 from prune_cli.engine.session import Session
+from prune_cli.errors import MissingInputError, UsageError
 from prune_cli.gating.masks import MaskFile
 from prune_cli.model.decoding import DecodeOptions, decode
 from prune_cli.model.s2t import SpeechModel
-from prune_cli.progress import progress
+from prune_cli.progress import log, progress
 from prune_cli.recipe import EvalConfig
-from prune_cli.variants import VARIANTS
+from prune_cli.variants import CONTEXT, STATIC, VARIANTS
 
 
 def decode_split(
@@ -67,19 +70,49 @@ def select_subset(split: Split, cap: int | None) -> list[int]:
     return out
 
 
-def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None = None) -> dict[str, Any]:
+@dataclass
+class EvalSet:
+    """A test set from outside the recipe (`eval --manifest PATH --name NAME`): scored into eval/sets/NAME/."""
+
+    name: str
+    path: Path
+    split: Split
+    fingerprint: str
+    defaulted: int = 0  # utterances whose context came from --context / data.defaults, not from the data
+
+
+def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None = None,
+             eval_set: EvalSet | None = None) -> dict[str, Any]:
+    """Decode and score; every file is written at the end, so a failed eval leaves earlier results as they were."""
     cfg = s.recipe.eval
     # `dense` is the base as trained; the masked variants run on the base their gates were trained with.
     masks: MaskFile | None = s.masks(variants) if any(VARIANTS[v].masked for v in variants) else None
-    split = s.split(cfg.split)
+    split = eval_set.split if eval_set is not None else s.split(cfg.split)
+    where = f"the set {eval_set.name}" if eval_set is not None else f"the {cfg.split} split"
+    present = {u.context for u in split.utts}
+    unknown = [c for c in contexts or [] if c not in present]
+    if unknown:  # before anything is written: existing results stay as they are
+        raise UsageError([f"--contexts: no {c!r} utterances in {where} (it has: {', '.join(sorted(present))})" for c in unknown])
     idx = [i for i in select_subset(split, s.recipe.data.max_utts_per_context)
            if contexts is None or split.utts[i].context in contexts]
+    fallbacks = resolve_contexts(masks, variants, {split.utts[i].context for i in idx}, cfg.unseen_contexts,
+                                 Counter(split.utts[i].context for i in idx)) if masks is not None else {}
     opts = scored_options(cfg)
-    # A subset (some variants or contexts) goes beside the full evaluation, never over it.
-    full = contexts is None and list(variants) == list(cfg.variants)
-    out_dir = s.run.path / "eval" if full else s.run.path / "eval" / "partial"
+    # A subset (some variants or contexts) goes beside the full evaluation, never over it; another set, in its own folder.
+    full = eval_set is None and contexts is None and list(variants) == list(cfg.variants)
+    if eval_set is not None:
+        out_dir = s.run.path / "eval" / "sets" / eval_set.name
+    else:
+        out_dir = s.run.path / "eval" if full else s.run.path / "eval" / "partial"
     summary: dict[str, Any] = {"variants": {}, "signatures": {}, "normalization": NORMALIZATION,
-                               "split": cfg.split, "decoding": vars(opts), "complete": full}
+                               "split": cfg.split if eval_set is None else None, "decoding": vars(opts), "complete": full}
+    if eval_set is not None:
+        summary["set"] = {"name": eval_set.name, "manifest": str(eval_set.path), "fingerprint": eval_set.fingerprint,
+                          "utterances": dict(sorted(Counter(u.context for u in split.utts).items())),
+                          "context_defaulted": eval_set.defaulted, "skipped": split.skipped}
+    if fallbacks:
+        summary["fallbacks"] = fallbacks
+    outputs: dict[Path, str] = {}
     rows: list[dict[str, Any]] = []
     tasks: dict[str, str] = {}
     refs_by_ctx: dict[str, list[str]] = {}
@@ -87,7 +120,7 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     with progress("eval", total=len(idx) * len(variants)) as bar:
         for variant in variants:
             net = s.variant_model(variant)
-            patterns = utterance_patterns(s, variant, net, split, idx, masks)
+            patterns = utterance_patterns(s, variant, net, split, idx, masks, {c: f["to"] for c, f in fallbacks.items()})
             hyps = decode_split(s, net, split, idx, patterns, opts, cfg.batch_size, bar)
             by_ctx: dict[str, list[int]] = {}
             for i in idx:
@@ -106,8 +139,8 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
                     scores, summary["signatures"] = st_scores(refs, hs)
                 res[ctx] = {"n": len(members), **{k: round(v, 3) for k, v in scores.items()}}
                 name = ctx.replace(":", "_")
-                atomic_write_text(out_dir / variant / f"{name}.hyp", "".join(h + "\n" for h in hs))
-                atomic_write_text(out_dir / variant / f"{name}.ref", "".join(r + "\n" for r in refs))
+                outputs[out_dir / variant / f"{name}.hyp"] = "".join(h + "\n" for h in hs)
+                outputs[out_dir / variant / f"{name}.ref"] = "".join(r + "\n" for r in refs)
                 for i, r, h in zip(members, refs, hs):
                     rows.append({"variant": variant, "utt_id": split.utts[i].utt_id, "context": ctx, "ref": r, "hyp": h,
                                  **{k: round(v, 3) for k, v in utterance_score(task, r, h).items()}})
@@ -120,11 +153,49 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     if cfg.bootstrap > 0 and pairs:
         summary["comparisons"] = paired_bootstrap(tasks, refs_by_ctx, hyps_by_variant, pairs, cfg.bootstrap, s.recipe.seed,
                                                   unscorable)
-    atomic_write_text(out_dir / "utterances.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    atomic_write_json(out_dir / "summary.json", summary)
+    outputs[out_dir / "utterances.jsonl"] = "".join(json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
+    for path, text in outputs.items():
+        atomic_write_text(path, text)
+    atomic_write_json(out_dir / "summary.json", summary)  # last: a summary is there only when all its files are
     if full:
         s.run.update_metrics("eval", summary["averages"])
     return summary
+
+
+def resolve_contexts(masks: MaskFile, variants: Sequence[str], contexts: set[str], policy: str,
+                     counts: Counter) -> dict[str, dict[str, Any]]:
+    """Which trained context's mask serves each context that prune never saw (eval.unseen_contexts).
+
+    `error`: none, the eval stops naming them. `static`: the static baseline's single mask. `nearest`: the trained
+    context of the same task that shares the most with it, the source language counting over the target language
+    (st:de-fr takes st:de-en before st:en-fr); ties go to the alphabetically first key."""
+    trained = set(masks.variants.get(CONTEXT.name, {}))
+    unseen = sorted(c for c in contexts if c not in trained and any(VARIANTS[v].masked for v in variants))
+    if not unseen:
+        return {}
+    if policy == "error":
+        raise MissingInputError([f"context {c} ({counts[c]} utterance(s)) has no trained mask; set eval.unseen_contexts "
+                                 "to static or nearest to serve it with another" for c in unseen])
+    out: dict[str, dict[str, Any]] = {}
+    for c in unseen:
+        if policy == STATIC.name:
+            if STATIC.name not in masks.variants:
+                raise MissingInputError(f"eval.unseen_contexts=static: masks.json has no {STATIC.name} masks for {c}")
+            out[c] = {"to": STATIC.name, "n": counts[c]}
+            continue
+        task, langs = c.split(":", 1)
+        src, _, tgt = langs.partition("-")
+        same_task = [t for t in sorted(trained) if t.split(":", 1)[0] == task]
+        if not same_task:
+            raise MissingInputError(f"context {c}: no trained context of task {task} to borrow a mask from")
+
+        def shared(t: str) -> int:
+            t_src, _, t_tgt = t.split(":", 1)[1].partition("-")
+            return 2 * (t_src == src) + (t_tgt == tgt and tgt != "")
+
+        out[c] = {"to": sorted(same_task, key=lambda t: (-shared(t), t))[0], "n": counts[c]}
+    log("unseen contexts: " + ", ".join(f"{c} -> {f['to']} ({f['n']} utterances)" for c, f in out.items()))
+    return out
 
 
 def averages(variants: dict[str, dict[str, dict[str, float]]], bleu_unscorable: set[str]) -> dict[str, dict[str, float]]:

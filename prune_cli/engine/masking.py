@@ -15,7 +15,7 @@ from prune_cli.gating.predictor import ContextInputs, GatePredictor
 from prune_cli.gating.sparsity import SparsitySpec
 from prune_cli.model.s2t import SpeechModel
 from prune_cli.recipe import Recipe
-from prune_cli.variants import VARIANTS
+from prune_cli.variants import STATIC, VARIANTS
 
 Keep = tuple[bool, ...]
 
@@ -49,9 +49,12 @@ def exact_cut(r: Recipe, context_aware: bool) -> bool:
 
 
 def utterance_patterns(
-    s: Session, variant: str, model: SpeechModel, split: Split, idx: Sequence[int], masks: MaskFile | None
+    s: Session, variant: str, model: SpeechModel, split: Split, idx: Sequence[int], masks: MaskFile | None,
+    fallback: dict[str, str] | None = None,
 ) -> list[Keep | None]:
-    """Keep pattern of each utterance for a variant (None = dense). Per-utterance predictors are re-run."""
+    """Keep pattern of each utterance for a variant (None = dense). Per-utterance predictors are re-run.
+
+    `fallback` maps a context prune never saw to the trained context (or the static variant) whose mask serves it."""
     if not VARIANTS[variant].masked:
         return [None] * len(idx)
     assert masks is not None
@@ -59,7 +62,18 @@ def utterance_patterns(
         pred = s.predictor(variant)
         spec = spec_from_masks(model, masks)
         return predict_keep(s, pred, spec, split, idx, masks.meta["speakers"], masks.meta.get("context_exact_cut", False))
-    return [masks.keep(variant, split.utts[i].context) for i in idx]
+    table = masks.variants.get(variant, {})
+    single = {tuple(v) for v in table.values()}
+
+    def keep(ctx: str) -> Keep:
+        if ctx in table or not fallback or ctx not in fallback:
+            return masks.keep(variant, ctx)
+        if len(single) == 1:  # one mask for every context (static, random, layerdrop, dense_tuned)
+            return tuple(bool(v) for v in next(iter(single)))
+        to = fallback[ctx]
+        return masks.keep(STATIC.name, next(iter(masks.variants[STATIC.name]))) if to == STATIC.name else masks.keep(variant, to)
+
+    return [keep(split.utts[i].context) for i in idx]
 
 
 def spec_from_masks(model: SpeechModel, masks: MaskFile) -> SparsitySpec:

@@ -81,10 +81,11 @@ def stage_prune(s: Session, materialize: bool | None = None) -> dict[str, Any]:
     return out
 
 
-def stage_eval(s: Session, variants: list[str] | None = None, contexts: list[str] | None = None) -> dict[str, Any]:
+def stage_eval(s: Session, variants: list[str] | None = None, contexts: list[str] | None = None,
+               eval_set: Any = None) -> dict[str, Any]:
     from prune_cli.engine.evaluate import evaluate
 
-    return evaluate(s, variants or s.recipe.eval.variants, contexts)
+    return evaluate(s, variants or s.recipe.eval.variants, contexts, eval_set)
 
 
 def stage_profile(s: Session, variants: list[str] | None = None) -> dict[str, Any]:
@@ -116,7 +117,8 @@ STAGE_FUNCS: dict[str, Callable[[Session], dict[str, Any]]] = {
 
 
 def mark_complete(run: RunDir, stage: str, info: dict[str, Any] | None = None) -> None:
-    """Write a stage's marker: its outputs are complete for the current config and data."""
+    """Write a stage's marker (its outputs are complete for the current config and data), and the run's record."""
+    run.record()
     atomic_write_json(run.marker(stage), {"hash": run.stage_hash(stage), **(info or {})})
 
 
@@ -200,7 +202,7 @@ def sweep(
         label = point_label(point)
         sub_over = [*overrides, *(f"{k}={v}" for k, v in point.items())]  # the child report's rerun commands
         child = make_session(build_recipe(sweep_point_raw(raw, point), recipe_path), parent.run.path / "sweep" / label)
-        child.run.prepare(str(child.device))
+        child.run.open(str(child.device))
         if _share_base(parent.run, child.run):
             log(f"[sweep] {label}: the shared base was retrained; redoing this point's gates and what follows")
             for stage in ("gates", "prune", "eval", "profile"):

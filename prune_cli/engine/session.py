@@ -5,26 +5,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.distributed as dist
 
 from prune_cli.atomic import atomic_torch_save
-from prune_cli.data.batching import Split, load_split
+
+if TYPE_CHECKING:
+    from prune_cli.engine.evaluate import EvalSet
+from prune_cli.contexts import LANGS, TASKS
+from prune_cli.data.batching import Split, SplitSpec, load_split
 from prune_cli.data.features import compute_cmvn
-from prune_cli.data.manifest import split_fingerprint
+from prune_cli.data.manifest import split_fingerprint, split_path
 from prune_cli.data.tokenizer import Tokenizer, train_tokenizer
 from prune_cli.errors import CheckpointError, MissingInputError, UsageError
 from prune_cli.gating.masks import MaskFile
 from prune_cli.gating.predictor import GatePredictor
 from prune_cli.model.checkpoint import load_model, read_checkpoint
-from prune_cli.model.s2t import SpeechModel
+from prune_cli.model.s2t import SpeechModel, dims_from_recipe, max_input_frames
 from prune_cli.progress import log
-from prune_cli.recipe import Recipe
+from prune_cli.recipe import ContextDefaults, Recipe
 from prune_cli.runs import RunDir
 from prune_cli.variants import CONTEXT, VARIANTS
 
@@ -73,12 +78,31 @@ class Session:
 
     # ---- data
     def split(self, name: str) -> Split:
-        d = self.recipe.data
+        spec = split_spec(self.recipe, name, max_input_frames())
         # The cache depends on what is read and how it is featurized, not on batching or eval caps.
-        key = hashlib.sha256(json.dumps([d.manifest_dir, d.kaldi_dir, d.sample_rate, d.on_error, vars(d.defaults),
-                                         self.recipe.features.n_mels, split_fingerprint(d.manifest_dir, d.kaldi_dir, name)]
+        d = self.recipe.data
+        key = hashlib.sha256(json.dumps([str(spec.path), spec.sample_rate, spec.on_error, vars(d.defaults), spec.n_mels,
+                                         spec.max_frames, split_fingerprint(d.manifest_dir, d.kaldi_dir, name)]
                                         ).encode()).hexdigest()[:10]
-        return load_split(self.recipe, name, cache=self.run.path / "cache" / f"{name}-{key}.pt")
+        return load_split(spec, cache=self.run.path / "cache" / f"{name}-{key}.pt")
+
+    def eval_set(self, path: Path, name: str, context: str | None) -> "EvalSet":
+        """A test set from outside the recipe; `context` (e.g. `asr:de`) for utterances whose data names none.
+        Read fresh every time (not cached in the run dir: an eval of another set writes only its own folder)."""
+        from prune_cli.engine.evaluate import EvalSet
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
+            raise UsageError(f"--name {name!r}: a plain folder name (letters, digits, '.', '_', '-'), the set's folder under eval/sets/")
+        if not path.exists():
+            raise MissingInputError(f"--manifest {path}: not found (a JSONL manifest or a Kaldi data dir)")
+        defaults = self.recipe.data.defaults if context is None else parse_context(context)
+        spec = replace(split_spec(self.recipe, "test", max_input_frames()), path=path, defaults=defaults)
+        split = load_split(spec)
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        return EvalSet(name, path, split, h.hexdigest()[:16], sum(u.context_defaulted for u in split.utts))
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -133,14 +157,37 @@ class Session:
         key = str(path)
         if key not in self._models:
             model, _ = load_model(path, hint)
+            want = asdict(dims_from_recipe(self.recipe.model, self.recipe.features.n_mels, self.tokenizer.vocab_size))
+            have = asdict(model.dims)
+            diff = [f"{k} {have.get(k)} (recipe: {v})" for k, v in want.items() if k != "dropout" and have.get(k) != v]
+            if diff:
+                raise CheckpointError(f"{path}: the checkpoint's architecture does not match the recipe: {', '.join(diff)}; "
+                                      "evaluate with the recipe it was trained with, or train it again")
             self._models[key] = model.to(self.device).eval()
         return self._models[key]
 
     def predictor(self, variant: str = CONTEXT.name) -> GatePredictor:
-        """A learned variant's gate predictor (the static one has no inputs)."""
-        blob = read_checkpoint(self.run.predictor_ckpt(variant), "prune-cli/gates", "prune-cli train RECIPE --stage gates")
-        pred = build_predictor(self.recipe, blob["n_modules"], blob["inputs"], blob["speakers"])
-        pred.load_state_dict(blob["state_dict"])
+        """A learned variant's gate predictor (the static one has no inputs), checked against the recipe and model."""
+        path = self.run.predictor_ckpt(variant)
+        blob = read_checkpoint(path, "prune-cli/gates", "prune-cli train RECIPE --stage gates")
+        g = self.recipe.gates
+        want_inputs = list(g.inputs) if VARIANTS[variant].context_inputs else []
+        n_modules = self.base_model(variant).n_modules
+        problems = []
+        if blob.get("inputs") != want_inputs:
+            problems.append(f"inputs {blob.get('inputs')} (recipe: {want_inputs})")
+        if blob.get("n_modules") != n_modules:
+            problems.append(f"{blob.get('n_modules')} modules (the model has {n_modules})")
+        pred = build_predictor(self.recipe, n_modules, want_inputs, blob.get("speakers", []))
+        if not problems:
+            try:
+                pred.load_state_dict(blob["state_dict"])
+            except (RuntimeError, KeyError) as e:
+                problems.append(f"weights that do not fit gates.embed_dim={g.embed_dim} / gates.hidden={g.hidden} "
+                                f"({str(e).splitlines()[0][:120]})")
+        if problems:
+            raise CheckpointError(f"{path}: the gate predictor does not match the recipe: {'; '.join(problems)}; "
+                                  "retrain it with `prune-cli train RECIPE --stage gates`")
         return pred.to(self.device).eval()
 
     def masks(self, variants: Sequence[str] = (CONTEXT.name,)) -> MaskFile:
@@ -156,6 +203,22 @@ class Session:
             model = self.base_model(v)
             mf.check_model([m.name for m in model.modules_list], model.arch_hash(), model.weights_hash(), path, v)
         return mf
+
+
+def parse_context(key: str) -> ContextDefaults:
+    """`asr:de` or `st:de-en` as the context given to utterances whose data names none."""
+    task, _, langs = key.partition(":")
+    src, _, tgt = langs.partition("-")
+    if task not in TASKS or src not in LANGS or (tgt and tgt not in LANGS) or (task == "st") != bool(tgt):
+        raise UsageError(f"--context {key!r}: expected asr:LANG or st:SRC-TGT with tasks {', '.join(TASKS)} and "
+                         f"languages {', '.join(LANGS)}")
+    return ContextDefaults(task, src, tgt or None)  # type: ignore[arg-type]
+
+
+def split_spec(recipe: Recipe, split: str, max_frames: int | None = None) -> SplitSpec:
+    d = recipe.data
+    return SplitSpec(split_path(d.manifest_dir, d.kaldi_dir, split), d.defaults, d.sample_rate, recipe.features.n_mels,
+                     d.on_error, max_frames)
 
 
 def build_predictor(recipe: Recipe, n_modules: int, inputs: list[str], speakers: list[str]) -> GatePredictor:

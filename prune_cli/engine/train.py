@@ -23,6 +23,7 @@ from prune_cli.data.batching import IGNORE, Batch, Split, collate, make_batches,
 from prune_cli.data.features import spec_augment
 from prune_cli.engine.masking import exact_cut
 from prune_cli.engine.session import Session, build_predictor, init_distributed
+from prune_cli.errors import TrainingError
 from prune_cli.gating.predictor import ContextInputs, GatePredictor, deterministic_gates, gumbel_straight_through, tau_at
 from prune_cli.gating.sparsity import SparsitySpec, calibration_shift
 from prune_cli.model.checkpoint import load_model, save_model
@@ -240,7 +241,7 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
     best: list[tuple[float, str]] = []  # (val loss, checkpoint file)
     last = ckdir / "last.pt"
     if last.is_file():
-        blob = torch.load(last, map_location="cpu", weights_only=False)
+        blob = torch.load(last, map_location="cpu", weights_only=True)
         for k, m in spec.state_modules.items():
             m.load_state_dict(blob["modules"][k])
         opt.load_state_dict(blob["optimizer"])
@@ -250,6 +251,8 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
         append_jsonl(s.run.path / "logs" / f"{spec.name}.jsonl", {"event": "resume", "step": step})
 
     def save(path: Path) -> None:
+        if any(not bool(torch.isfinite(t).all()) for m in spec.state_modules.values() for t in m.parameters()):
+            raise TrainingError(f"{spec.name}: non-finite weights at step {step}; nothing saved. Lower the learning rate")
         if s.dist.is_main:
             atomic_torch_save(path, {
                 "modules": {k: m.state_dict() for k, m in spec.state_modules.items()}, "optimizer": opt.state_dict(),
@@ -280,6 +283,9 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
                 pos += 1
                 with _autocast(s):
                     loss, logs = objective(batch, step)
+                if not math.isfinite(logs["loss"]):  # a diverged run must never be saved or marked complete
+                    raise TrainingError(f"{spec.name}: non-finite loss at step {step + 1} ({logs['loss']}); "
+                                        "lower the learning rate, then rerun (it resumes from the last good checkpoint)")
                 (loss / spec.grad_accum).backward()
             gnorm = torch.nn.utils.clip_grad_norm_([p for g in spec.params for p in g["params"]], spec.clip)
             opt.step()
@@ -296,6 +302,8 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
             bar.advance(1, postfix=f"loss {logs['loss']:.3f} acc {logs['acc']:.3f}")
             if step % spec.val_every == 0 or step == spec.steps:
                 metrics = validate(spec, dev, s)
+                if not math.isfinite(metrics["val_loss"]):
+                    raise TrainingError(f"{spec.name}: non-finite validation loss at step {step}; lower the learning rate")
                 metrics["step"] = step
                 if s.dist.is_main:
                     append_jsonl(s.run.path / "logs" / f"{spec.name}.jsonl", {"event": "val", **metrics})
@@ -327,7 +335,7 @@ def _tensorboard(path: Path):  # noqa: ANN202
 
 
 def average_checkpoints(paths: list[Path], key: str) -> dict[str, torch.Tensor]:
-    states = [torch.load(p, map_location="cpu", weights_only=False)["modules"][key] for p in paths]
+    states = [torch.load(p, map_location="cpu", weights_only=True)["modules"][key] for p in paths]
     avg = {}
     for k, v in states[0].items():
         avg[k] = sum(st[k].float() for st in states) / len(states) if v.is_floating_point() else v
@@ -370,6 +378,8 @@ def train_base(s: Session) -> dict[str, float]:
         model.load_state_dict(average_checkpoints(kept, "model"))
         log(f"base: averaged {len(kept)} best checkpoint(s): {', '.join(p.name for p in kept)}")
     final = validate(spec, dev, s)
+    if not math.isfinite(final["val_loss"]):
+        raise TrainingError("base: non-finite validation loss of the final model; nothing saved")
     if s.dist.is_main:
         save_model(s.run.base_ckpt, model.cpu(), averaged=[p.name for p in kept])
         s.run.update_metrics("base", {**metrics, **{f"final_{k}": v for k, v in final.items()},

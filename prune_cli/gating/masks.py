@@ -52,12 +52,27 @@ class MaskFile:
             d = json.loads(path.read_text())
             mf = cls(d["modules"], d["arch_hash"], d["weights_hash"], d["variants"], d.get("stats", {}),
                      d.get("per_utterance", False), d.get("meta", {}), d.get("variant_weights", {}))
+            if not isinstance(mf.variants, dict):
+                raise TypeError("'variants' is not a mapping")
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: not a readable mask file ({type(e).__name__}: {e})") from None
-        for variant, table in mf.variants.items():
+        problems = []
+        tables = {f"variants.{v}": t for v, t in mf.variants.items()} | ({"masks": d["masks"]} if "masks" in d else {})
+        for name, table in tables.items():
+            if not isinstance(table, dict):
+                problems.append(f"{path}: {name}: expected a mapping of context keys to 0/1 vectors")
+                continue
             for ctx, vec in table.items():
-                if len(vec) != len(mf.modules) or any(v not in (0, 1) for v in vec):
-                    raise CheckpointError(f"{path}: variant {variant} context {ctx}: expected {len(mf.modules)} 0/1 values")
+                if not isinstance(vec, list) or len(vec) != len(mf.modules) or any(v not in (0, 1) or isinstance(v, bool) for v in vec):
+                    problems.append(f"{path}: {name}.{ctx}: expected {len(mf.modules)} values, each 0 or 1")
+        # `masks` is the documented copy of the context-aware table: an edit to one and not the other is ambiguous.
+        ctx_table = mf.variants.get(CONTEXT.name, {})
+        if not problems and "masks" in d and d["masks"] != ctx_table:
+            differ = sorted(c for c in set(d["masks"]) | set(ctx_table) if d["masks"].get(c) != ctx_table.get(c))
+            problems.append(f"{path}: 'masks' and 'variants.{CONTEXT.name}' disagree for {', '.join(differ)}; they hold the same "
+                            "table, so edit both (or remove 'masks')")
+        if problems:
+            raise CheckpointError(problems)
         return mf
 
     def check_model(self, modules: list[str], arch_hash: str, weights_hash: str, path: Path, variant: str = CONTEXT.name) -> None:

@@ -24,7 +24,7 @@ def read_checkpoint(path: Path, kind: str, producer: str) -> dict[str, Any]:
     if not path.is_file():
         raise MissingInputError(f"{path}: checkpoint not found; produce it with `{producer}`")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        blob = torch.load(path, map_location="cpu", weights_only=True)  # plain data only: never code from a file
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not isinstance(blob, dict) or blob.get("kind") != kind:

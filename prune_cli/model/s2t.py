@@ -29,6 +29,8 @@ Gate = Union[None, float, torch.Tensor]
 ENC_KINDS = ("ffn1", "attn", "cgmlp", "ffn2")
 DEC_KINDS = ("self_attn", "src_attn", "ffn")
 
+MAX_ENCODER_POSITIONS = 4096  # sinusoidal positions after 4x subsampling: about 164 s of audio
+
 
 @dataclass(frozen=True)
 class ModelDims:
@@ -112,7 +114,7 @@ class Encoder(nn.Module):
     def __init__(self, dims: ModelDims, removed: set[str]):
         super().__init__()
         self.frontend = Conv2dSubsampling(dims.n_mels, dims.frontend_channels, dims.d_model)
-        self.register_buffer("pe", sinusoid(4096, dims.d_model), persistent=False)
+        self.register_buffer("pe", sinusoid(MAX_ENCODER_POSITIONS, dims.d_model), persistent=False)
         self.layers = nn.ModuleList(
             EBranchformerLayer(dims, {n.split(".")[2] for n in removed if n.startswith(f"encoder.{i}.")})
             for i in range(dims.enc_layers)
@@ -214,6 +216,16 @@ class SpeechModel(nn.Module):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def max_input_frames() -> int:
+    """The longest input (10 ms fbank frames) whose subsampled length fits the encoder's positional table."""
+    t = 4 * MAX_ENCODER_POSITIONS
+    while int(Conv2dSubsampling.out_lengths(torch.tensor(t + 1))) <= MAX_ENCODER_POSITIONS:
+        t += 1
+    while int(Conv2dSubsampling.out_lengths(torch.tensor(t))) > MAX_ENCODER_POSITIONS:
+        t -= 1
+    return t
 
 
 def dims_from_recipe(model_cfg, n_mels: int, vocab: int) -> ModelDims:  # noqa: ANN001
