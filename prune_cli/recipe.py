@@ -19,40 +19,12 @@ from typing import Any, Iterable, Literal, Optional, Sequence, Union
 
 import yaml
 
-from prune_cli.contexts import LANGS
+from prune_cli.contexts import language_problem, task_problem
+from prune_cli.data.config import ContextDefaults, SpecAugmentConfig, SynthConfig
 from prune_cli.errors import UsageError
 from prune_cli.variants import BASELINES, CONTEXT, DENSE, NAMES, STATIC, VARIANTS
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
-
-@dataclass
-class SynthConfig:
-    """Demo corpus builder (eSpeak NG + num2words)."""
-
-    out_dir: str = "corpora/demo"  # audio; git-ignored
-    n_train: int = 10000
-    n_dev: int = 300
-    n_test: int = 600
-    languages: list[str] = field(default_factory=lambda: list(LANGS))
-    st_pairs: list[str] = field(default_factory=lambda: ["de-en", "fr-en", "es-en", "it-en", "en-de", "en-fr"])
-    max_number: int = 9999
-    forms: list[str] = field(default_factory=lambda: ["cardinal", "ordinal", "year"])
-    voices_per_lang: int = 4
-    rate_range: list[int] = field(default_factory=lambda: [150, 210])
-    pitch_range: list[int] = field(default_factory=lambda: [35, 65])
-    snr_db: Optional[float] = None
-    audio_format: Literal["flac", "wav"] = "flac"
-    workers: int = 2
-
-
-@dataclass
-class ContextDefaults:
-    """Context fields for manifests that lack them (plain NeMo manifests)."""
-
-    task: Literal["asr", "st"] = "asr"
-    source_lang: str = "en"
-    target_lang: Optional[str] = None
 
 
 @dataclass
@@ -66,14 +38,6 @@ class DataConfig:
     max_frames_per_batch: int = 12000
     max_utts_per_context: Optional[int] = None  # cap per context for eval/profile subsets
     duration_tolerance_s: float = 0.05
-
-
-@dataclass
-class SpecAugmentConfig:
-    freq_masks: int = 2
-    freq_width: int = 15
-    time_masks: int = 2
-    time_width: int = 20
 
 
 @dataclass
@@ -500,18 +464,10 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, errors: list[str]) -> An
 
 def _semantic_checks(r: Recipe) -> list[str]:
     errs: list[str] = []
-    for lang in r.data.synth.languages:
-        if lang not in LANGS:
-            errs.append(f"data.synth.languages: unsupported language {lang!r} (supported: {', '.join(LANGS)})")
-    for pair in r.data.synth.st_pairs:
-        parts = pair.split("-")
-        if len(parts) != 2 or any(p not in LANGS for p in parts) or parts[0] == parts[1]:
-            errs.append(f"data.synth.st_pairs: bad pair {pair!r} (expected SRC-TGT with two different languages)")
-    for form in r.data.synth.forms:
-        if form not in ("cardinal", "ordinal", "year"):
-            errs.append(f"data.synth.forms: unknown form {form!r} (cardinal, ordinal, year)")
-    if r.data.synth.max_number < 10:
-        errs.append("data.synth.max_number: must be >= 10")
+    errs += _synth_problems(r.data.synth)
+    d = r.data.defaults
+    errs += [f"data.defaults: {p}" for p in (task_problem(d.task), language_problem(d.source_lang),
+                                             language_problem(d.target_lang) if d.target_lang else None) if p]
     for sec, key in (("encoder", r.gates.target.encoder), ("decoder", r.gates.target.decoder)):
         if not 0.0 <= key < 1.0:
             errs.append(f"gates.target.{sec}: must be in [0, 1), got {key}")
@@ -574,6 +530,32 @@ def _semantic_checks(r: Recipe) -> list[str]:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r.name) or ".." in r.name:
         errs.append(f"name: {r.name!r} must be a plain folder name (letters, digits, '.', '_', '-'; no '/' or '..'): "
                     "the run dir is runs/<name>")
+    return errs
+
+
+def _synth_problems(cfg: SynthConfig) -> list[str]:
+    """The demo corpus speaks the languages both eSpeak NG and num2words support, read from the libraries."""
+    from prune_cli.data.synth import FORMS, form_supported, supported_languages
+
+    errs: list[str] = []
+    supported = supported_languages()
+    for lang in cfg.languages:
+        if lang not in supported:
+            errs.append(f"data.synth.languages: unsupported language {lang!r}: eSpeak NG and num2words do not both speak "
+                        f"it ({len(supported)} do: {', '.join(supported)})")
+    for pair in cfg.st_pairs:
+        parts = pair.split("-")
+        if len(parts) != 2 or parts[0] == parts[1] or any(p not in supported for p in parts):
+            errs.append(f"data.synth.st_pairs: bad pair {pair!r} (SRC-TGT: two different languages eSpeak NG and num2words speak)")
+    for form in cfg.forms:
+        if form not in FORMS:
+            errs.append(f"data.synth.forms: unknown form {form!r} ({', '.join(FORMS)})")
+    langs = dict.fromkeys([*cfg.languages, *(p for pair in cfg.st_pairs for p in pair.split("-"))])
+    for lang in (lg for lg in langs if lg in supported):
+        for form in (f for f in cfg.forms if f in FORMS and not form_supported(lang, f)):
+            errs.append(f"data.synth.forms: num2words has no {form} numbers in {lang!r}")
+    if cfg.max_number < 10:
+        errs.append("data.synth.max_number: must be >= 10")
     return errs
 
 

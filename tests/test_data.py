@@ -12,6 +12,7 @@ import soundfile as sf
 import torch
 
 from conftest import cli
+from prune_cli.contexts import ContextVocab
 from prune_cli.data.batching import make_batches, shard
 from prune_cli.data.check import check_manifest
 from prune_cli.data.features import spec_augment
@@ -122,7 +123,7 @@ def test_data_check_finds_planted_errors_with_line_numbers(tmp_path: Path, smoke
     good[3]["audio_filepath"] = str(trunc)  # line 4
     lines = [json.dumps(r) for r in good]
     lines[4] = lines[4][:-5]  # line 5: bad JSON
-    lines[5] = json.dumps({**good[5], "task": "summarize"})  # line 6
+    lines[5] = json.dumps({**good[5], "task": "Sum up!"})  # line 6: any task label is fine, but not this form
     m = tmp_path / "bad.jsonl"
     m.write_text("\n".join(lines) + "\n")
     n, problems, *_ = check_manifest(m, 16000, 0.05, ContextDefaults())
@@ -131,7 +132,7 @@ def test_data_check_finds_planted_errors_with_line_numbers(tmp_path: Path, smoke
     assert any(":2: audio file not found" in p for p in problems)
     assert any(":3: empty or whitespace-only text" in p for p in problems)
     assert any(":5: invalid JSON" in p for p in problems)
-    assert any(":6: unknown task 'summarize'" in p for p in problems)
+    assert any(":6: task 'Sum up!' is not a task label" in p for p in problems)
     r = cli("data", "check", str(m))
     assert r.returncode == 1 and f"{m}:2:" in r.stderr
     ok = tmp_path / "ok.jsonl"
@@ -183,7 +184,7 @@ def test_kaldi_dir_reader(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["char", "sentencepiece"])
 def test_tokenizer_roundtrip_and_persistence(tmp_path: Path, kind: str) -> None:
     texts = ["quatre-vingt-dix-sept", "siebenundvierzig", "forty-seven", "mille neuf cent"] * 20
-    tok = train_tokenizer(kind, texts, 40)
+    tok = train_tokenizer(kind, texts, 40, ContextVocab(("asr", "st"), ("en", "de", "fr")))
     for t in texts[:4]:
         assert tok.decode(tok.encode(t)) == t
     tok.save(tmp_path)

@@ -130,5 +130,7 @@ def test_a_kaldi_dir_without_context_files_takes_the_given_context_and_says_how_
     info = json.loads(r.stdout)["set"]
     assert info["utterances"] == {"asr:de": len(rows)} and info["context_defaulted"] == len(rows)
     assert (run / "eval" / "sets" / "kaldi_de" / "summary.json").is_file()
+    r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(run), "--manifest", str(d), "--context", "asr:German")
+    assert r.returncode == 2 and "--context 'asr:German': 'German' is not a language code" in r.stderr, r.stderr
     r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(run), "--manifest", str(d), "--context", "asr:xx")
-    assert r.returncode == 2 and "--context 'asr:xx'" in r.stderr
+    assert r.returncode == 1 and f"context asr:xx ({len(rows)} utterance(s)): language xx not in this run's training data" in r.stderr

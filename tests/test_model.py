@@ -257,7 +257,7 @@ def test_joint_ctc_attention_beam_scores_its_hypotheses_exactly() -> None:
         ctc_lp = model.ctc(mem).float().log_softmax(-1)
     checked = 0
     for w in (0.5, 1.0):
-        opts = DecodeOptions(beam_size=k, max_len_ratio=0.3, ctc_weight=w, ctc_pre_beam=DIMS.vocab)
+        opts = DecodeOptions(beam_size=k, max_len_ratio=0.3, ctc_weight=w, ctc_pre_beam=DIMS.vocab, n_specials=11)
         with torch.inference_mode():
             seqs, scores = _beam(model, mem, mem_lens, mem_mask, prompt, None, opts)
             for i, (seq, score) in enumerate(zip(seqs, scores.tolist())):
@@ -302,7 +302,7 @@ def test_beam_stops_once_settled_with_the_same_result(monkeypatch: pytest.Monkey
     x, lens, _ = inputs(3)
     prompt = [1, 7, 4, 7]
     for w in (0.0, 0.5):
-        opts = DecodeOptions(beam_size=4, max_len_ratio=1.0, ctc_weight=w)
+        opts = DecodeOptions(beam_size=4, max_len_ratio=1.0, ctc_weight=w, n_specials=11)
         calls.clear()
         early = decode(model, x, lens, prompt, None, opts)
         n_early = len(calls)

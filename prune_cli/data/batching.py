@@ -10,12 +10,12 @@ import torch
 
 from prune_cli.atomic import atomic_torch_save
 from prune_cli.data.audio import load_audio
+from prune_cli.data.config import ContextDefaults
 from prune_cli.data.features import apply_cmvn, fbank
 from prune_cli.data.manifest import Utterance, read_any
 from prune_cli.data.tokenizer import EOS, Tokenizer
 from prune_cli.errors import DataError, MissingInputError
 from prune_cli.progress import log, progress, warn
-from prune_cli.recipe import ContextDefaults
 
 IGNORE = -100
 

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from prune_cli.data.audio import load_audio, probe, wav_header_frames
+from prune_cli.data.config import ContextDefaults
 from prune_cli.data.manifest import read_any
 from prune_cli.errors import DataError
-from prune_cli.recipe import ContextDefaults
 
 
 class ManifestReport(NamedTuple):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torchaudio.compliance.kaldi as kaldi
 
-from prune_cli.recipe import SpecAugmentConfig
+from prune_cli.data.config import SpecAugmentConfig
 
 
 def fbank(wav: torch.Tensor, sample_rate: int, n_mels: int) -> torch.Tensor:

@@ -10,9 +10,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from prune_cli.contexts import LANGS, TASKS, context_key
+from prune_cli.contexts import context_key, language_problem, task_problem
+from prune_cli.data.config import ContextDefaults
 from prune_cli.errors import DataError
-from prune_cli.recipe import ContextDefaults
 
 
 @dataclass(frozen=True)
@@ -34,15 +34,16 @@ class Utterance:
         return context_key(self.task, self.source_lang, self.target_lang)
 
 
-def _context_problems(task: str, src: str, tgt: str) -> list[str]:
-    probs = []
-    if task not in TASKS:
-        probs.append(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
-    for name, lang in (("source_lang", src), ("target_lang", tgt)):
-        if lang not in LANGS:
-            probs.append(f"unknown {name} {lang!r} (expected one of {', '.join(LANGS)})")
-    if task == "asr" and src != tgt and src in LANGS and tgt in LANGS:
+def _context_problems(task: object, src: object, tgt: object) -> list[str]:
+    """Any task label and any ISO 639 code are accepted by form; the run's vocabulary is read from its training data."""
+    if not all(isinstance(x, str) for x in (task, src, tgt)):
+        return [f"task, source_lang and target_lang must be strings, got {task!r}, {src!r}, {tgt!r}"]
+    probs = [f"task {p}" for p in [task_problem(task)] if p]
+    probs += [f"{name} {p}" for name, lang in (("source_lang", src), ("target_lang", tgt)) for p in [language_problem(lang)] if p]
+    if task == "asr" and src != tgt and not probs:
         probs.append(f"asr utterance with source_lang {src!r} != target_lang {tgt!r}")
+    if task == "st" and src == tgt and not probs:
+        probs.append(f"st utterance with the same source and target language {src!r} (that is asr)")
     return probs
 
 

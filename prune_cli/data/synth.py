@@ -15,13 +15,22 @@ import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from prune_cli.atomic import atomic_write_text
 from prune_cli.errors import DataError
-from prune_cli.recipe import SynthConfig
+
+if TYPE_CHECKING:
+    from prune_cli.data.config import SynthConfig
+
+# The demo corpus's default languages and translation directions (any pair of supported_languages() works).
+DEMO_LANGUAGES = ("en", "de", "fr", "es", "it")
+DEMO_ST_PAIRS = ("de-en", "fr-en", "es-en", "it-en", "en-de", "en-fr")
+FORMS = ("cardinal", "ordinal", "year")
 
 # bump when the same plan would render different audio or text
 # (2: segmented de/it compounds; 3: fresh process per chunk; 4: Italian spelling fixes; 5: hashed number splits)
@@ -51,11 +60,32 @@ class UttSpec:
     noise_seed: int
 
 
+@lru_cache(maxsize=1)
+def supported_languages() -> tuple[str, ...]:
+    """Languages the demo corpus can speak: an eSpeak NG dictionary and voice, and num2words number words.
+    Read from the installed libraries, so a new release's languages come with it."""
+    import espeakng_loader
+    from num2words import CONVERTER_CLASSES
+
+    data = Path(espeakng_loader.get_data_path())
+    dicts = {p.name[: -len("_dict")] for p in data.glob("*_dict")}
+    voices = {p.name for p in (data / "lang").rglob("*") if p.is_file()}
+    return tuple(sorted(c for c in dicts & voices & set(CONVERTER_CLASSES) if re.fullmatch(r"[a-z]{2,3}", c)))
+
+
+@lru_cache(maxsize=None)
+def form_supported(lang: str, form: str) -> bool:
+    """Whether num2words writes this form of number in this language."""
+    try:
+        return bool(number_text(1984 if form == "year" else 21, lang, form))
+    except (NotImplementedError, KeyError, AttributeError, TypeError, ValueError, OverflowError):
+        return False
+
+
 def number_text(n: int, lang: str, form: str) -> str:
     from num2words import num2words
 
-    to = {"cardinal": "cardinal", "ordinal": "ordinal", "year": "year"}[form]
-    text = num2words(n, lang=lang, to=to)
+    text = num2words(n, lang=lang, to=form)
     if lang == "it":
         text = fix_italian_spelling(text)
     return " ".join(text.replace(",", " ").split())

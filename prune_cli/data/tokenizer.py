@@ -1,4 +1,6 @@
-"""Char or SentencePiece tokenizer with the decoder-prompt specials: <sos> <src_lang> <task> <tgt_lang>."""
+"""Char or SentencePiece tokenizer with the decoder-prompt specials: <sos> <src_lang> <task> <tgt_lang>.
+
+The task and language tokens come from the run's context vocabulary (its training data), saved with the tokenizer."""
 
 from __future__ import annotations
 
@@ -7,17 +9,23 @@ import json
 from pathlib import Path
 
 from prune_cli.atomic import atomic_write_bytes, atomic_write_json
-from prune_cli.contexts import LANGS
+from prune_cli.contexts import TASKS, ContextVocab
 from prune_cli.errors import CheckpointError
 
-SPECIALS = ["<blank>", "<sos>", "<eos>", "<unk>", "<asr>", "<st>"] + [f"<{lang}>" for lang in LANGS]
+BASE_SPECIALS = ["<blank>", "<sos>", "<eos>", "<unk>"]
 BLANK, SOS, EOS, UNK = 0, 1, 2, 3
 
 
+def special_tokens(vocab: ContextVocab) -> list[str]:
+    return BASE_SPECIALS + [f"<{t}>" for t in vocab.tasks] + [f"<{lang}>" for lang in vocab.langs]
+
+
 class Tokenizer:
-    def __init__(self, kind: str, pieces: list[str], sp_model: bytes | None = None):
+    def __init__(self, kind: str, pieces: list[str], vocab: ContextVocab, sp_model: bytes | None = None):
         self.kind = kind
         self.pieces = pieces  # text units after the specials (chars, or sentencepiece pieces)
+        self.vocab = vocab
+        self.specials = special_tokens(vocab)
         self.sp_model = sp_model
         self._sp = None
         if kind == "sentencepiece":
@@ -25,35 +33,41 @@ class Tokenizer:
 
             assert sp_model is not None
             self._sp = spm.SentencePieceProcessor(model_proto=sp_model)
-        self._index = {p: i + len(SPECIALS) for i, p in enumerate(pieces)}
+        self._index = {p: i + self.n_specials for i, p in enumerate(pieces)}
+
+    @property
+    def n_specials(self) -> int:
+        """Ids below this are special tokens; text pieces follow."""
+        return len(self.specials)
 
     @property
     def vocab_size(self) -> int:
-        return len(SPECIALS) + len(self.pieces)
-
-    def special(self, name: str) -> int:
-        return SPECIALS.index(f"<{name}>")
+        return self.n_specials + len(self.pieces)
 
     def prompt(self, task: str, source_lang: str, target_lang: str) -> list[int]:
-        return [SOS, self.special(source_lang), self.special(task), self.special(target_lang)]
+        v, n = self.vocab, len(BASE_SPECIALS)
+        lang0 = n + len(v.tasks)
+        return [SOS, lang0 + v.lang_id(source_lang), n + v.task_id(task), lang0 + v.lang_id(target_lang)]
 
     def encode(self, text: str) -> list[int]:
         if self._sp is not None:
             ids = self._sp.encode(text)
-            return [UNK if i == 0 else len(SPECIALS) + i - 1 for i in ids]
+            return [UNK if i == 0 else self.n_specials + i - 1 for i in ids]
         return [self._index.get(c, UNK) for c in text]
 
     def decode(self, ids: list[int]) -> str:
-        body = [i for i in ids if i >= len(SPECIALS) or i == UNK]
+        body = [i for i in ids if i >= self.n_specials or i == UNK]
         if self._sp is not None:
-            return self._sp.decode([0 if i == UNK else i - len(SPECIALS) + 1 for i in body])
-        return "".join("" if i == UNK else self.pieces[i - len(SPECIALS)] for i in body)
+            return self._sp.decode([0 if i == UNK else i - self.n_specials + 1 for i in body])
+        return "".join("" if i == UNK else self.pieces[i - self.n_specials] for i in body)
 
     # persistence
     def save(self, d: Path) -> None:
         if self.sp_model is not None:
             atomic_write_bytes(d / "spm.model", self.sp_model)
-        atomic_write_json(d / "tokenizer.json", {"kind": self.kind, "specials": SPECIALS, "pieces": self.pieces})
+        atomic_write_json(d / "tokenizer.json", {"kind": self.kind, "tasks": list(self.vocab.tasks),
+                                                 "langs": list(self.vocab.langs), "specials": self.specials,
+                                                 "pieces": self.pieces})
 
     @classmethod
     def load(cls, d: Path) -> "Tokenizer":
@@ -62,15 +76,22 @@ class Tokenizer:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{meta_path}: cannot read tokenizer: {e}") from None
-        if meta.get("specials") != SPECIALS:
-            raise CheckpointError(f"{meta_path}: tokenizer was saved with different special tokens")
+        specials = meta.get("specials") or []
+        if "tasks" in meta:
+            vocab = ContextVocab(tuple(meta["tasks"]), tuple(meta["langs"]))
+        else:  # saved before the vocabulary came from the data: tasks, then languages, after the base specials
+            named = [t[1:-1] for t in specials[len(BASE_SPECIALS):]]
+            tasks = tuple(t for t in named if t in TASKS)
+            vocab = ContextVocab(tasks, tuple(named[len(tasks):]))
+        if specials != special_tokens(vocab):
+            raise CheckpointError(f"{meta_path}: its special tokens do not match its task and language lists")
         sp = (d / "spm.model").read_bytes() if meta["kind"] == "sentencepiece" else None
-        return cls(meta["kind"], meta["pieces"], sp)
+        return cls(meta["kind"], meta["pieces"], vocab, sp)
 
 
-def train_tokenizer(kind: str, texts: list[str], vocab_size: int) -> Tokenizer:
+def train_tokenizer(kind: str, texts: list[str], vocab_size: int, vocab: ContextVocab) -> Tokenizer:
     if kind == "char":
-        return Tokenizer("char", sorted({c for t in texts for c in t}))
+        return Tokenizer("char", sorted({c for t in texts for c in t}), vocab)
     import sentencepiece as spm
 
     buf = io.BytesIO()
@@ -82,4 +103,4 @@ def train_tokenizer(kind: str, texts: list[str], vocab_size: int) -> Tokenizer:
     proto = buf.getvalue()
     sp = spm.SentencePieceProcessor(model_proto=proto)
     pieces = [sp.id_to_piece(i) for i in range(1, sp.get_piece_size())]
-    return Tokenizer("sentencepiece", pieces, proto)
+    return Tokenizer("sentencepiece", pieces, vocab, proto)

@@ -11,13 +11,15 @@ from typing import Any, Sequence
 import torch
 
 from prune_cli.atomic import atomic_write_json, atomic_write_text, json_safe
+from prune_cli.contexts import TASKS, ContextVocab
 from prune_cli.data.batching import Split
 from prune_cli.data.features import apply_cmvn
+from prune_cli.data.tokenizer import Tokenizer
 from prune_cli.engine.compare import comparison_pairs, paired_bootstrap
 from prune_cli.engine.masking import group_by_pattern, utterance_patterns
 from prune_cli.engine.metrics import NORMALIZATION, asr_scores, bleu_measurable, st_scores, utterance_score
 from prune_cli.engine.session import Session
-from prune_cli.errors import MissingInputError, UsageError
+from prune_cli.errors import DataError, MissingInputError, UsageError
 from prune_cli.gating.masks import MaskFile
 from prune_cli.model.decoding import DecodeOptions, decode
 from prune_cli.model.s2t import SpeechModel
@@ -50,9 +52,10 @@ def decode_split(
     return hyps
 
 
-def scored_options(cfg: EvalConfig) -> DecodeOptions:
+def scored_options(cfg: EvalConfig, tok: Tokenizer) -> DecodeOptions:
     """The decoding whose output eval scores (profile times it too)."""
-    return DecodeOptions(cfg.beam_size, cfg.length_penalty, cfg.max_len_ratio, ctc_weight=cfg.ctc_weight)
+    return DecodeOptions(cfg.beam_size, cfg.length_penalty, cfg.max_len_ratio, ctc_weight=cfg.ctc_weight,
+                         n_specials=tok.n_specials)
 
 
 def options_for_task(opts: DecodeOptions, task: str) -> DecodeOptions:
@@ -95,9 +98,11 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
         raise UsageError([f"--contexts: no {c!r} utterances in {where} (it has: {', '.join(sorted(present))})" for c in unknown])
     idx = [i for i in select_subset(split, s.recipe.data.max_utts_per_context)
            if contexts is None or split.utts[i].context in contexts]
+    nets = {v: s.variant_model(v) for v in variants}  # unreadable or mismatched checkpoints first
+    check_scorable(split, idx, s.tokenizer.vocab)
     fallbacks = resolve_contexts(masks, variants, {split.utts[i].context for i in idx}, cfg.unseen_contexts,
                                  Counter(split.utts[i].context for i in idx)) if masks is not None else {}
-    opts = scored_options(cfg)
+    opts = scored_options(cfg, s.tokenizer)
     # A subset (some variants or contexts) goes beside the full evaluation, never over it; another set, in its own folder.
     full = eval_set is None and contexts is None and list(variants) == list(cfg.variants)
     if eval_set is not None:
@@ -119,7 +124,7 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     hyps_by_variant: dict[str, dict[str, list[str]]] = {}
     with progress("eval", total=len(idx) * len(variants)) as bar:
         for variant in variants:
-            net = s.variant_model(variant)
+            net = nets[variant]
             patterns = utterance_patterns(s, variant, net, split, idx, masks, {c: f["to"] for c, f in fallbacks.items()})
             hyps = decode_split(s, net, split, idx, patterns, opts, cfg.batch_size, bar)
             by_ctx: dict[str, list[int]] = {}
@@ -160,6 +165,24 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     if full:
         s.run.update_metrics("eval", summary["averages"])
     return summary
+
+
+def check_scorable(split: Split, idx: Sequence[int], vocab: ContextVocab) -> None:
+    """Before decoding: every context can be prompted (its task and languages were trained) and scored (asr or st)."""
+    counts = Counter(split.utts[i].context for i in idx)
+    first = {split.utts[i].context: split.utts[i] for i in reversed(idx)}
+    problems = []
+    for ctx, n in sorted(counts.items()):
+        u = first[ctx]
+        unknown = vocab.unknown(u.task, u.source_lang, u.target_lang)
+        if unknown:
+            problems.append(f"context {ctx} ({n} utterance(s)): {' and '.join(unknown)} not in this run's training data "
+                            f"(tasks {', '.join(vocab.tasks)}; languages {', '.join(vocab.langs)})")
+        elif u.task not in TASKS:
+            problems.append(f"context {ctx} ({n} utterance(s)): eval scores {' and '.join(TASKS)} (WER/CER, BLEU/chrF); "
+                            f"task {u.task} trains, prunes and profiles, but has no metric")
+    if problems:
+        raise DataError(problems)
 
 
 def resolve_contexts(masks: MaskFile, variants: Sequence[str], contexts: set[str], policy: str,

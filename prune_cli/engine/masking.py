@@ -34,7 +34,7 @@ def predict_keep(
         x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(s.device)
         us = [split.utts[i] for i in chunk]
         ctx = ContextInputs.build([u.task for u in us], [u.source_lang for u in us], [u.target_lang for u in us],
-                                  [u.speaker for u in us], x, lens, speakers)
+                                  [u.speaker for u in us], x, lens, speakers, s.tokenizer.vocab)
         logits = predictor(ctx)
         keep = spec.deployed_gates(logits, exact).bool().cpu()
         out += [tuple(row.tolist()) for row in keep]

@@ -136,8 +136,8 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
             groups[u.context].append(i)
     groups = dict(sorted(groups.items()))
     contexts = list(groups)
-    greedy = DecodeOptions(1, 0.0, s.recipe.eval.max_len_ratio)
-    scored = scored_options(s.recipe.eval)
+    scored = scored_options(s.recipe.eval, s.tokenizer)
+    greedy = DecodeOptions(1, 0.0, s.recipe.eval.max_len_ratio, n_specials=scored.n_specials)
     # The headline latency is that of the decoding eval scores; greedy is timed beside it when that differs.
     decodings = {"e2e": scored} | ({"e2e_greedy": greedy} if scored != greedy else {})
     # One pattern per context; with per-utterance gates that is each context's most frequent pattern.

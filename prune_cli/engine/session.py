@@ -18,7 +18,7 @@ from prune_cli.atomic import atomic_torch_save
 
 if TYPE_CHECKING:
     from prune_cli.engine.evaluate import EvalSet
-from prune_cli.contexts import LANGS, TASKS
+from prune_cli.contexts import ContextVocab, language_problem, parse_context_key, task_problem
 from prune_cli.data.batching import Split, SplitSpec, load_split
 from prune_cli.data.features import compute_cmvn
 from prune_cli.data.manifest import split_fingerprint, split_path
@@ -116,10 +116,13 @@ class Session:
         if (d / "tokenizer.json").is_file():
             return Tokenizer.load(d)
         texts = [u.text for u in train.utts] + [u.source_text for u in train.utts if u.source_text]
-        tok = train_tokenizer(self.recipe.tokenizer.kind, texts, self.recipe.tokenizer.vocab_size)
+        # The context vocabulary is the training data's; the demo corpus's languages keep the recipe's order.
+        vocab = ContextVocab.build({u.task for u in train.utts}, {lg for u in train.utts for lg in (u.source_lang, u.target_lang)},
+                                   self.recipe.data.synth.languages)
+        tok = train_tokenizer(self.recipe.tokenizer.kind, texts, self.recipe.tokenizer.vocab_size, vocab)
         if self.dist.is_main:
             tok.save(d)
-        log(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens")
+        log(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens; tasks {', '.join(vocab.tasks)}; languages {', '.join(vocab.langs)}")
         self.__dict__["tokenizer"] = tok
         return tok
 
@@ -178,7 +181,7 @@ class Session:
             problems.append(f"inputs {blob.get('inputs')} (recipe: {want_inputs})")
         if blob.get("n_modules") != n_modules:
             problems.append(f"{blob.get('n_modules')} modules (the model has {n_modules})")
-        pred = build_predictor(self.recipe, n_modules, want_inputs, blob.get("speakers", []))
+        pred = build_predictor(self.recipe, n_modules, want_inputs, blob.get("speakers", []), self.tokenizer.vocab)
         if not problems:
             try:
                 pred.load_state_dict(blob["state_dict"])
@@ -207,12 +210,14 @@ class Session:
 
 def parse_context(key: str) -> ContextDefaults:
     """`asr:de` or `st:de-en` as the context given to utterances whose data names none."""
-    task, _, langs = key.partition(":")
-    src, _, tgt = langs.partition("-")
-    if task not in TASKS or src not in LANGS or (tgt and tgt not in LANGS) or (task == "st") != bool(tgt):
-        raise UsageError(f"--context {key!r}: expected asr:LANG or st:SRC-TGT with tasks {', '.join(TASKS)} and "
-                         f"languages {', '.join(LANGS)}")
-    return ContextDefaults(task, src, tgt or None)  # type: ignore[arg-type]
+    try:
+        task, src, tgt = parse_context_key(key)
+    except ValueError:
+        raise UsageError(f"--context {key!r}: expected asr:LANG or TASK:SRC-TGT, e.g. asr:de or st:de-en") from None
+    problems = [p for p in (task_problem(task), language_problem(src), language_problem(tgt)) if p]
+    if problems:
+        raise UsageError([f"--context {key!r}: {p}" for p in problems])
+    return ContextDefaults(task, src, tgt)
 
 
 def split_spec(recipe: Recipe, split: str, max_frames: int | None = None) -> SplitSpec:
@@ -221,7 +226,8 @@ def split_spec(recipe: Recipe, split: str, max_frames: int | None = None) -> Spl
                      d.on_error, max_frames)
 
 
-def build_predictor(recipe: Recipe, n_modules: int, inputs: list[str], speakers: list[str]) -> GatePredictor:
+def build_predictor(recipe: Recipe, n_modules: int, inputs: list[str], speakers: list[str], vocab: ContextVocab) -> GatePredictor:
     g = recipe.gates
-    return GatePredictor(n_modules, inputs, g.embed_dim, g.hidden, recipe.features.n_mels, len(speakers), g.init_keep_logit)
+    return GatePredictor(n_modules, inputs, g.embed_dim, g.hidden, recipe.features.n_mels, len(speakers), g.init_keep_logit,
+                         len(vocab.tasks), len(vocab.langs))
 

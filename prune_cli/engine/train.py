@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from prune_cli.atomic import append_jsonl, atomic_torch_save
+from prune_cli.contexts import ContextVocab
 from prune_cli.data.batching import IGNORE, Batch, Split, collate, make_batches, shard
 from prune_cli.data.features import spec_augment
 from prune_cli.engine.masking import exact_cut
@@ -98,11 +99,11 @@ class GateObjective(nn.Module):
     """Task loss through hard-gated modules (Gumbel straight-through) + sparsity loss."""
 
     def __init__(self, model: SpeechModel, predictor: GatePredictor | None, spec: SparsitySpec, session: Session,
-                 speakers: list[str], anneal_steps: int, seed: int, calibrated: bool = False,
+                 speakers: list[str], anneal_steps: int, seed: int, vocab: ContextVocab, calibrated: bool = False,
                  frozen_from: int | None = None, teacher: SpeechModel | None = None):
         super().__init__()
         self.model, self.predictor, self.spec = model, predictor, spec
-        self.s, self.speakers, self.total, self.seed = session, speakers, anneal_steps, seed
+        self.s, self.speakers, self.total, self.seed, self.vocab = session, speakers, anneal_steps, seed, vocab
         self.teacher = teacher  # the dense base, frozen: gates.distill > 0
         # calibrated: the exported mask is cut at exactly the target (static baseline), not the argmax.
         self.calibrated, self.frozen_from = calibrated, frozen_from
@@ -120,7 +121,7 @@ class GateObjective(nn.Module):
         if self.predictor is None:
             return torch.ones(len(batch.task), self.model.n_modules, device=batch.feats.device)
         ctx = ContextInputs.build(batch.task, batch.source_lang, batch.target_lang, batch.speaker,
-                                  batch.feats, batch.feat_lens, self.speakers)
+                                  batch.feats, batch.feat_lens, self.speakers, self.vocab)
         logits = self.predictor(ctx)
         g = self.s.recipe.gates
         # Evaluation, and training once the predictor is frozen (phased fine-tuning), use the masks prune exports,
@@ -395,7 +396,7 @@ def calibrate_thresholds(s: Session, predictor: GatePredictor, spec: SparsitySpe
     b = _prepare(train, idx, s, None)
     was_training = predictor.training
     predictor.eval()
-    ctx = ContextInputs.build(b.task, b.source_lang, b.target_lang, b.speaker, b.feats, b.feat_lens, speakers)
+    ctx = ContextInputs.build(b.task, b.source_lang, b.target_lang, b.speaker, b.feats, b.feat_lens, speakers, s.tokenizer.vocab)
     logits = predictor(ctx)
     before = {k: round(float(v.mean()), 4) for k, v in spec.sparsity(spec.force_ungated(deterministic_gates(logits))).items()}
     predictor.shift_skip_logits(calibration_shift(logits, spec))
@@ -439,7 +440,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
             p.requires_grad_(joint)
         # No predictor for an unpruned variant: every module kept, the base fine-tuned as the others are.
         inputs = None if v.kind == "unpruned" else (list(g.inputs) if v.context_inputs else [])
-        predictor = None if inputs is None else build_predictor(r, model.n_modules, inputs, speakers).to(s.device)
+        predictor = None if inputs is None else build_predictor(r, model.n_modules, inputs, speakers, s.tokenizer.vocab).to(s.device)
         base_group = {"params": list(model.parameters()), "lr": g.base_lr, "name": "base"}
         params: list[dict[str, Any]] = []
         if predictor is not None:
@@ -455,7 +456,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
                 if predictor is not None:
                     params[0]["stop"] = g.freeze_step
         freeze = g.freeze_step if g.phased else None
-        obj = GateObjective(model, predictor, sparsity, s, speakers, g.anneal_steps, seed,
+        obj = GateObjective(model, predictor, sparsity, s, speakers, g.anneal_steps, seed, s.tokenizer.vocab,
                             calibrated=exact_cut(r, v.context_inputs), frozen_from=freeze, teacher=teacher)
 
         def train_mode(predictor: GatePredictor | None = predictor, joint: bool = joint) -> None:

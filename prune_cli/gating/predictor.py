@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prune_cli.contexts import LANGS, TASKS
+from prune_cli.contexts import ContextVocab
 
 SKIP, KEEP = 0, 1
 
@@ -27,16 +27,16 @@ class ContextInputs:
     @classmethod
     def build(
         cls, tasks: Sequence[str], srcs: Sequence[str], tgts: Sequence[str], speakers: Sequence[str],
-        feats: torch.Tensor, lens: torch.Tensor, speaker_vocab: Sequence[str],
+        feats: torch.Tensor, lens: torch.Tensor, speaker_vocab: Sequence[str], vocab: ContextVocab,
     ) -> "ContextInputs":
         spk_index = {s: i + 1 for i, s in enumerate(speaker_vocab)}  # 0 = unseen speaker
         valid = (torch.arange(feats.shape[1], device=feats.device)[None, :] < lens[:, None]).unsqueeze(-1)
         pooled = (feats * valid).sum(1) / lens.clamp_min(1)[:, None]
         dev = feats.device
         return cls(
-            task=torch.tensor([TASKS.index(t) for t in tasks], device=dev),
-            source_lang=torch.tensor([LANGS.index(s) for s in srcs], device=dev),
-            target_lang=torch.tensor([LANGS.index(t) for t in tgts], device=dev),
+            task=torch.tensor([vocab.task_id(t) for t in tasks], device=dev),
+            source_lang=torch.tensor([vocab.lang_id(s) for s in srcs], device=dev),
+            target_lang=torch.tensor([vocab.lang_id(t) for t in tgts], device=dev),
             speaker=torch.tensor([spk_index.get(s, 0) for s in speakers], device=dev),
             pooled=pooled,
         )
@@ -47,13 +47,13 @@ class GatePredictor(nn.Module):
 
     def __init__(
         self, n_modules: int, inputs: Sequence[str], embed_dim: int, hidden: int, n_mels: int,
-        n_speakers: int, init_keep_logit: float,
+        n_speakers: int, init_keep_logit: float, n_tasks: int, n_langs: int,
     ):
         super().__init__()
         self.inputs = tuple(inputs)
         self.n_modules = n_modules
         self.embeds = nn.ModuleDict()
-        sizes = {"task": len(TASKS), "source_lang": len(LANGS), "target_lang": len(LANGS), "speaker": n_speakers + 1}
+        sizes = {"task": n_tasks, "source_lang": n_langs, "target_lang": n_langs, "speaker": n_speakers + 1}
         for name in self.inputs:
             if name == "pooled_features":
                 self.embeds[name] = nn.Sequential(nn.LayerNorm(n_mels), nn.Linear(n_mels, embed_dim))

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from prune_cli.data.tokenizer import EOS, SPECIALS
+from prune_cli.data.tokenizer import BASE_SPECIALS, EOS
 from prune_cli.model.ctc_prefix import CTCPrefixScorer
 from prune_cli.model.s2t import SpeechModel
 
@@ -27,6 +27,7 @@ class DecodeOptions:
     use_cache: bool = True
     ctc_weight: float = 0.0  # joint score = (1 - w) * attention + w * CTC prefix score; needs beam_size > 1
     ctc_pre_beam: int = 0  # tokens per hypothesis scored by CTC each step; 0: 1.5 x beam_size, as ESPnet
+    n_specials: int = len(BASE_SPECIALS)  # ids below this are not text (the tokenizer's specials): CTC never emits them
 
 
 def _max_steps(model: SpeechModel, mem_lens: torch.Tensor, prompt_len: int, opts: DecodeOptions) -> int:
@@ -94,7 +95,7 @@ def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list
     w = opts.ctc_weight
     ctc = None
     if w > 0:
-        ctc = CTCPrefixScorer(model.ctc(mem), mem_lens, len(SPECIALS), copies=k)
+        ctc = CTCPrefixScorer(model.ctc(mem), mem_lens, opts.n_specials, copies=k)
     state = ctc.initial() if ctc is not None else None
     mem = mem.repeat_interleave(k, 0)
     mem_mask = mem_mask.repeat_interleave(k, 0)
