@@ -40,7 +40,6 @@ class ContextDefaults:
     target_lang: Optional[str] = None
 
 
-
 @dataclass
 class SpecAugmentConfig:
     freq_masks: int = 2

@@ -10,9 +10,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from prune_cli.atomic import atomic_write_json
+from prune_cli.atomic import atomic_write_json, atomic_write_text
 from prune_cli.data.synth import SYNTH_VERSION, build_corpus
 from prune_cli.engine.session import Session
 from prune_cli.errors import UsageError
@@ -21,6 +21,9 @@ from prune_cli.progress import log, progress
 from prune_cli.recipe import Recipe, build_recipe, parse_override, point_label, sweep_point_raw
 from prune_cli.runs import STAGES, RunDir
 from prune_cli.variants import TRAINED, VARIANTS
+
+if TYPE_CHECKING:
+    from prune_cli.engine.evaluate import EvalSet
 
 # ---------------------------------------------------------------- stages
 
@@ -82,7 +85,7 @@ def stage_prune(s: Session, materialize: bool | None = None) -> dict[str, Any]:
 
 
 def stage_eval(s: Session, variants: list[str] | None = None, contexts: list[str] | None = None,
-               eval_set: Any = None) -> dict[str, Any]:
+               eval_set: EvalSet | None = None) -> dict[str, Any]:
     from prune_cli.engine.evaluate import evaluate
 
     return evaluate(s, variants or s.recipe.eval.variants, contexts, eval_set)
@@ -107,7 +110,7 @@ def _fresh_if_changed(s: Session, stage: str, loop_names: list[str]) -> None:
             log(f"{name}: checkpoints were made with a different config; starting over")
             shutil.rmtree(d)
         d.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(h)
+        atomic_write_text(stamp, h)
 
 
 STAGE_FUNCS: dict[str, Callable[[Session], dict[str, Any]]] = {
