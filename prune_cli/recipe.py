@@ -527,10 +527,15 @@ def _semantic_checks(r: Recipe) -> list[str]:
     errs += [f"{k}: must be >= 0, got {v}" for k, v in non_negative.items() if isinstance(v, (int, float)) and not v >= 0]
     if r.data.max_utts_per_context is not None and r.data.max_utts_per_context < 1:
         errs.append(f"data.max_utts_per_context: must be >= 1 (or null), got {r.data.max_utts_per_context}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r.name) or ".." in r.name:
+    if not is_plain_name(r.name):
         errs.append(f"name: {r.name!r} must be a plain folder name (letters, digits, '.', '_', '-'; no '/' or '..'): "
                     "the run dir is runs/<name>")
     return errs
+
+
+def is_plain_name(name: str) -> bool:
+    """A folder name that stays where it is put: letters, digits, '.', '_', '-'; no '/' and no '..'."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name)) and ".." not in name
 
 
 def _synth_problems(cfg: SynthConfig) -> list[str]:

@@ -188,7 +188,11 @@ def split_path(manifest_dir: str, kaldi_dir: str | None, split: str) -> Path:
 
 def split_fingerprint(manifest_dir: str, kaldi_dir: str | None, split: str) -> str:
     """Hash of a split's manifest (or Kaldi dir files): it changes when the data does, so caches and stages redo."""
-    path = split_path(manifest_dir, kaldi_dir, split)
+    return fingerprint(split_path(manifest_dir, kaldi_dir, split))
+
+
+def fingerprint(path: Path) -> str:
+    """Hash of a manifest, or of a Kaldi dir's files (names and bytes): it changes when the data does."""
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     h = hashlib.sha256()
     for f in files:

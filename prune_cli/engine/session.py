@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -15,13 +14,10 @@ import torch
 import torch.distributed as dist
 
 from prune_cli.atomic import atomic_torch_save
-
-if TYPE_CHECKING:
-    from prune_cli.engine.evaluate import EvalSet
 from prune_cli.contexts import ContextVocab, language_problem, parse_context_key, task_problem
 from prune_cli.data.batching import Split, SplitSpec, load_split
 from prune_cli.data.features import compute_cmvn
-from prune_cli.data.manifest import split_fingerprint, split_path
+from prune_cli.data.manifest import fingerprint, split_fingerprint, split_path
 from prune_cli.data.tokenizer import Tokenizer, train_tokenizer
 from prune_cli.errors import CheckpointError, MissingInputError, UsageError
 from prune_cli.gating.masks import MaskFile
@@ -29,9 +25,12 @@ from prune_cli.gating.predictor import GatePredictor
 from prune_cli.model.checkpoint import load_model, read_checkpoint
 from prune_cli.model.s2t import SpeechModel, dims_from_recipe, max_input_frames
 from prune_cli.progress import log
-from prune_cli.recipe import ContextDefaults, Recipe
+from prune_cli.recipe import ContextDefaults, Recipe, is_plain_name
 from prune_cli.runs import RunDir
 from prune_cli.variants import CONTEXT, VARIANTS
+
+if TYPE_CHECKING:
+    from prune_cli.engine.evaluate import EvalSet
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -91,18 +90,14 @@ class Session:
         Read fresh every time (not cached in the run dir: an eval of another set writes only its own folder)."""
         from prune_cli.engine.evaluate import EvalSet
 
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
+        if not is_plain_name(name):
             raise UsageError(f"--name {name!r}: a plain folder name (letters, digits, '.', '_', '-'), the set's folder under eval/sets/")
         if not path.exists():
             raise MissingInputError(f"--manifest {path}: not found (a JSONL manifest or a Kaldi data dir)")
         defaults = self.recipe.data.defaults if context is None else parse_context(context)
         spec = replace(split_spec(self.recipe, "test", max_input_frames()), path=path, defaults=defaults)
         split = load_split(spec)
-        h = hashlib.sha256()
-        for f in sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]:
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-        return EvalSet(name, path, split, h.hexdigest()[:16], sum(u.context_defaulted for u in split.utts))
+        return EvalSet(name, path, split, fingerprint(path), sum(u.context_defaulted for u in split.utts))
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
