@@ -101,7 +101,11 @@ def stage_profile(s: Session, variants: list[str] | None = None) -> dict[str, An
 
 
 def _fresh_if_changed(s: Session, stage: str, loop_names: list[str]) -> None:
-    """A training loop resumes only from checkpoints made with the same config; otherwise it starts over."""
+    """A training loop resumes only from checkpoints made with the same config; otherwise it starts over.
+
+    Under torchrun rank 0 alone decides (the others wait for it when the process group forms)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     h = s.run.stage_hash(stage)
     for name in loop_names:
         d = s.run.checkpoints / name
