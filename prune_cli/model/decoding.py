@@ -28,6 +28,18 @@ class DecodeOptions:
     ctc_weight: float = 0.0  # joint score = (1 - w) * attention + w * CTC prefix score; needs beam_size > 1
     ctc_pre_beam: int = 0  # tokens per hypothesis scored by CTC each step; 0: 1.5 x beam_size, as ESPnet
     n_specials: int = len(BASE_SPECIALS)  # ids below this are not text (the tokenizer's specials): CTC never emits them
+    eos: int = EOS
+    suppress: tuple[int, ...] = ()  # never emitted (Whisper's non-speech symbols and prompt tokens)
+    suppress_begin: tuple[int, ...] = ()  # not emitted first (Whisper: a bare space, end of text)
+
+
+def _suppressed(logits: torch.Tensor, first: bool, opts: DecodeOptions) -> torch.Tensor:
+    ids = opts.suppress + (opts.suppress_begin if first else ())
+    if not ids:
+        return logits
+    logits = logits.clone()
+    logits[:, list(ids)] = float("-inf")
+    return logits
 
 
 def _max_steps(model: SpeechModel, mem_lens: torch.Tensor, prompt_len: int, opts: DecodeOptions) -> int:
@@ -54,13 +66,14 @@ def _greedy(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> list[list[int
     b = mem.shape[0]
     tokens = torch.tensor([list(prompt)] * b, device=mem.device)
     cache: dict[str, torch.Tensor] | None = {} if opts.use_cache else None
+    eos = opts.eos
     logits = model.decode_logits(tokens, mem, mem_mask, keep, cache=cache)[:, -1]
     done = torch.zeros(b, dtype=torch.bool, device=mem.device)
     out: list[torch.Tensor] = []
-    for _ in range(_max_steps(model, mem_lens, len(prompt), opts)):
-        nxt = logits.argmax(-1).masked_fill(done, EOS)
+    for step in range(_max_steps(model, mem_lens, len(prompt), opts)):
+        nxt = _suppressed(logits, step == 0, opts).argmax(-1).masked_fill(done, eos)
         out.append(nxt)
-        done |= nxt == EOS
+        done |= nxt == eos
         if bool(done.all()):
             break
         if opts.use_cache:
@@ -70,7 +83,7 @@ def _greedy(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> list[list[int
             tokens = torch.cat([tokens, nxt[:, None]], 1)
             logits = model.decode_logits(tokens, mem, mem_mask, keep)[:, -1]
     seqs = torch.stack(out, 1).tolist() if out else [[] for _ in range(b)]
-    return [s[: s.index(EOS)] if EOS in s else s for s in seqs]
+    return [s[: s.index(eos)] if eos in s else s for s in seqs]
 
 
 def _settled(scores: torch.Tensor, finished: torch.Tensor) -> bool:
@@ -101,7 +114,8 @@ def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list
     mem_mask = mem_mask.repeat_interleave(k, 0)
     tokens = torch.tensor([list(prompt)] * (b * k), device=dev)
     cache: dict[str, torch.Tensor] | None = {} if opts.use_cache else None
-    logp = model.decode_logits(tokens, mem, mem_mask, keep, cache=cache)[:, -1].float().log_softmax(-1)
+    eos = opts.eos
+    logp = _suppressed(model.decode_logits(tokens, mem, mem_mask, keep, cache=cache)[:, -1].float(), True, opts).log_softmax(-1)
     vocab = logp.shape[-1]
     n_cand = vocab if ctc is None else min(vocab, opts.ctc_pre_beam or max(2, 3 * k // 2))
     scores = torch.full((b, k), float("-inf"), device=dev)
@@ -112,7 +126,7 @@ def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list
     for _ in range(_max_steps(model, mem_lens, len(prompt), opts)):
         # A finished beam may only extend with EOS, at no cost, so it keeps its score.
         logp = logp.masked_fill(finished[:, None], float("-inf"))
-        logp[finished, EOS] = 0.0
+        logp[finished, eos] = 0.0
         if ctc is None:
             inc, cand = logp, torch.arange(vocab, device=dev).expand(b * k, -1)
         else:
@@ -130,7 +144,7 @@ def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list
         hyp = torch.cat([hyp[beam], tok[:, None]], 1)
         was_finished = finished[beam]
         lengths = lengths[beam] + (~was_finished).float()
-        finished = was_finished | (tok == EOS)
+        finished = was_finished | (tok == eos)
         scores = top
         if cache is not None:
             for key in list(cache):
@@ -143,7 +157,7 @@ def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list
             logits = model.decode_logits(tok[:, None], mem, mem_mask, keep, cache=cache, offset=tokens.shape[1] - 1)
         else:
             logits = model.decode_logits(tokens, mem, mem_mask, keep)
-        logp = logits[:, -1].float().log_softmax(-1)
+        logp = _suppressed(logits[:, -1].float(), False, opts).log_softmax(-1)
     norm = scores.view(-1) / (((5.0 + lengths) / 6.0) ** opts.length_penalty)
-    seqs = [s[: s.index(EOS)] if EOS in s else s for s in hyp.tolist()]
+    seqs = [s[: s.index(eos)] if eos in s else s for s in hyp.tolist()]
     return seqs, norm

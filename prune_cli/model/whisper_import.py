@@ -1,0 +1,284 @@
+"""Read pretrained Whisper weights in three formats into WhisperModel's own parameter names.
+
+- a Hugging Face transformers directory: config.json + model.safetensors (or sharded, or pytorch_model.bin);
+- an openai-whisper checkpoint (.pt): {"dims": ..., "model_state_dict": ...};
+- a CTranslate2 / faster-whisper directory: model.bin (+ config.json, tokenizer.json). Its fused self-attention
+  QKV and cross-attention KV projections are split back into separate q, k, v.
+
+Nothing here executes code from the file: .pt and .bin files are read with torch.load(weights_only=True),
+model.bin is parsed field by field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from prune_cli.errors import CheckpointError
+from prune_cli.model.whisper import WhisperDims, WhisperModel
+
+StateDict = dict[str, torch.Tensor]
+
+# Our per-layer names, with the openai-whisper names they come from.
+_OPENAI_LAYER = {
+    "encoder": {"attn.norm": "attn_ln", "attn.q": "attn.query", "attn.k": "attn.key", "attn.v": "attn.value",
+                "attn.out": "attn.out", "ffn.norm": "mlp_ln", "ffn.w1": "mlp.0", "ffn.w2": "mlp.2"},
+    "decoder": {"self_attn.norm": "attn_ln", "self_attn.q": "attn.query", "self_attn.k": "attn.key",
+                "self_attn.v": "attn.value", "self_attn.out": "attn.out", "src_attn.norm": "cross_attn_ln",
+                "src_attn.q": "cross_attn.query", "src_attn.k": "cross_attn.key", "src_attn.v": "cross_attn.value",
+                "src_attn.out": "cross_attn.out", "ffn.norm": "mlp_ln", "ffn.w1": "mlp.0", "ffn.w2": "mlp.2"},
+}
+_HF_LAYER = {
+    "encoder": {"attn.norm": "self_attn_layer_norm", "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj",
+                "attn.v": "self_attn.v_proj", "attn.out": "self_attn.out_proj", "ffn.norm": "final_layer_norm",
+                "ffn.w1": "fc1", "ffn.w2": "fc2"},
+    "decoder": {"self_attn.norm": "self_attn_layer_norm", "self_attn.q": "self_attn.q_proj", "self_attn.k": "self_attn.k_proj",
+                "self_attn.v": "self_attn.v_proj", "self_attn.out": "self_attn.out_proj",
+                "src_attn.norm": "encoder_attn_layer_norm", "src_attn.q": "encoder_attn.q_proj",
+                "src_attn.k": "encoder_attn.k_proj", "src_attn.v": "encoder_attn.v_proj",
+                "src_attn.out": "encoder_attn.out_proj", "ffn.norm": "final_layer_norm", "ffn.w1": "fc1", "ffn.w2": "fc2"},
+}
+_OPENAI_TOP = {"encoder.conv1": "encoder.conv1", "encoder.conv2": "encoder.conv2", "encoder.pe": "encoder.positional_embedding",
+               "encoder.norm": "encoder.ln_post", "decoder.embed": "decoder.token_embedding",
+               "decoder.pos": "decoder.positional_embedding", "decoder.norm": "decoder.ln"}
+_HF_TOP = {"encoder.conv1": "model.encoder.conv1", "encoder.conv2": "model.encoder.conv2",
+           "encoder.pe": "model.encoder.embed_positions.weight", "encoder.norm": "model.encoder.layer_norm",
+           "decoder.embed": "model.decoder.embed_tokens", "decoder.pos": "model.decoder.embed_positions.weight",
+           "decoder.norm": "model.decoder.layer_norm"}
+
+
+def name_map(dims: WhisperDims, fmt: str) -> dict[str, str]:
+    """Our parameter name -> the name in an openai-whisper (`openai`) or transformers (`hf`) state dict."""
+    top, layer, blocks = (_OPENAI_TOP, _OPENAI_LAYER, "{part}.blocks.{i}") if fmt == "openai" else \
+        (_HF_TOP, _HF_LAYER, "model.{part}.layers.{i}")
+    out: dict[str, str] = {}
+    for ours, theirs in top.items():
+        if ours in ("encoder.pe", "decoder.pos"):
+            out[ours] = theirs
+        else:
+            for p in ("weight", "bias"):
+                if not (ours == "decoder.embed" and p == "bias"):
+                    out[f"{ours}.{p}"] = f"{theirs}.{p}"
+    for part, n in (("encoder", dims.enc_layers), ("decoder", dims.dec_layers)):
+        for i in range(n):
+            for ours, theirs in layer[part].items():
+                for p in ("weight", "bias"):
+                    if p == "bias" and ours.endswith(".k"):
+                        continue  # Whisper's key projections have no bias
+                    out[f"{part}.layers.{i}.{ours}.{p}"] = f"{blocks.format(part=part, i=i)}.{theirs}.{p}"
+    return out
+
+
+def _rename(dims: WhisperDims, theirs: StateDict, fmt: str, source: Path) -> StateDict:
+    names = name_map(dims, fmt)
+    missing = [t for t in names.values() if t not in theirs]
+    if missing:
+        raise CheckpointError(f"{source}: not a complete Whisper checkpoint: missing {len(missing)} tensors, e.g. {missing[0]}")
+    return {ours: theirs[t].float() for ours, t in names.items()}
+
+
+# ---- openai-whisper .pt
+def read_openai(path: Path) -> tuple[WhisperDims, StateDict]:
+    blob = _torch_load(path)
+    if not isinstance(blob, dict) or "dims" not in blob or "model_state_dict" not in blob:
+        raise CheckpointError(f"{path}: not an openai-whisper checkpoint (expected the keys 'dims' and 'model_state_dict')")
+    d = blob["dims"]
+    try:
+        dims = WhisperDims(n_mels=d["n_mels"], vocab=d["n_vocab"], d_model=d["n_audio_state"], heads=d["n_audio_head"],
+                           enc_layers=d["n_audio_layer"], dec_layers=d["n_text_layer"], n_audio_ctx=d["n_audio_ctx"],
+                           max_len=d["n_text_ctx"])
+    except KeyError as e:
+        raise CheckpointError(f"{path}: openai-whisper dims lack {e}") from None
+    if (d.get("n_text_state"), d.get("n_text_head")) != (dims.d_model, dims.heads):
+        raise CheckpointError(f"{path}: encoder and decoder widths differ; not a Whisper layout this importer knows")
+    return dims, _rename(dims, blob["model_state_dict"], "openai", path)
+
+
+# ---- transformers directory
+def read_hf(path: Path) -> tuple[WhisperDims, StateDict]:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: unreadable ({e})") from None
+    if cfg.get("model_type") != "whisper":
+        raise CheckpointError(f"{path}: config.json says model_type {cfg.get('model_type')!r}, not 'whisper'")
+    dims = WhisperDims(n_mels=cfg["num_mel_bins"], vocab=cfg["vocab_size"], d_model=cfg["d_model"],
+                       heads=cfg["encoder_attention_heads"], enc_layers=cfg["encoder_layers"],
+                       dec_layers=cfg["decoder_layers"], n_audio_ctx=cfg["max_source_positions"],
+                       max_len=cfg["max_target_positions"])
+    if cfg.get("encoder_ffn_dim", dims.ffn_dim) != dims.ffn_dim or cfg.get("decoder_ffn_dim", dims.ffn_dim) != dims.ffn_dim:
+        raise CheckpointError(f"{path}: FFN width is not 4 x d_model; not a Whisper layout this importer knows")
+    theirs: StateDict = {}
+    if (path / "model.safetensors.index.json").is_file():
+        from safetensors.torch import load_file
+
+        shards = sorted(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))
+        for shard in shards:
+            theirs.update(load_file(str(path / shard)))
+    elif (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        theirs = load_file(str(path / "model.safetensors"))
+    elif (path / "pytorch_model.bin").is_file():
+        theirs = _torch_load(path / "pytorch_model.bin")
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin beside config.json")
+    # WhisperModel (no LM head) saves without the "model." prefix.
+    if not any(k.startswith("model.") for k in theirs):
+        theirs = {f"model.{k}": v for k, v in theirs.items()}
+    return dims, _rename(dims, theirs, "hf", path)
+
+
+# ---- CTranslate2 model.bin
+_CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}  # 5 (bfloat16) handled apart
+
+
+def read_ct2_variables(path: Path, parts: tuple[Path, ...] = ()) -> dict[str, torch.Tensor]:
+    """All variables of a CTranslate2 model.bin (format version 6), aliases resolved; `parts`: the file split in pieces."""
+    data = b"".join(p.read_bytes() for p in parts) if parts else path.read_bytes()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        vals = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return vals[0] if len(vals) == 1 else vals
+
+    def string() -> str:
+        nonlocal pos
+        n = take("H")
+        s = data[pos : pos + n].rstrip(b"\0").decode()
+        pos += n
+        return s
+
+    try:
+        version = take("I")
+        if version != 6:
+            raise CheckpointError(f"{path}: CTranslate2 model format version {version}; this reader knows version 6 "
+                                  "(CTranslate2 >= 3); convert the model again with a recent ct2-transformers-converter")
+        spec, _revision = string(), take("I")
+        if spec != "WhisperSpec":
+            raise CheckpointError(f"{path}: a CTranslate2 {spec}, not a WhisperSpec")
+        out: dict[str, torch.Tensor] = {}
+        for _ in range(take("I")):
+            name = string()
+            shape = [take("I") for _ in range(take("B"))]
+            dtype, nbytes = take("B"), take("I")
+            raw = data[pos : pos + nbytes]
+            pos += nbytes
+            if dtype == 5:
+                arr = torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).float()
+            elif dtype in _CT2_DTYPES:
+                arr = torch.from_numpy(np.frombuffer(raw, dtype=_CT2_DTYPES[dtype]).copy())
+            else:
+                raise CheckpointError(f"{path}: variable {name} has an unknown data type id {dtype}")
+            out[name] = arr.reshape(shape)
+        for _ in range(take("I")):
+            alias, target = string(), string()
+            out[alias] = out[target]
+    except struct.error:
+        raise CheckpointError(f"{path}: truncated CTranslate2 model file") from None
+    return out
+
+
+def _ct2_weight(v: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    w = v[f"{name}/weight"]
+    if w.dtype in (torch.int8, torch.int16):  # quantized: one scale per output row
+        scale = v[f"{name}/weight_scale"].float()
+        return w.float() / (scale[:, None] if scale.dim() else scale)
+    return w.float()
+
+
+def read_ct2(path: Path, parts: tuple[Path, ...] = ()) -> tuple[WhisperDims, StateDict]:
+    v = read_ct2_variables(path / "model.bin", parts)
+    try:
+        n_enc = 1 + max(int(m.group(1)) for k in v if (m := re.match(r"encoder/layer_(\d+)/", k)))
+        n_dec = 1 + max(int(m.group(1)) for k in v if (m := re.match(r"decoder/layer_(\d+)/", k)))
+        emb = v["decoder/embeddings/weight"]
+        dims = WhisperDims(n_mels=v["encoder/conv1/weight"].shape[1], vocab=emb.shape[0], d_model=emb.shape[1],
+                           heads=int(v["encoder/num_heads"]), enc_layers=n_enc, dec_layers=n_dec,
+                           n_audio_ctx=v["encoder/position_encodings/encodings"].shape[0],
+                           max_len=v["decoder/position_encodings/encodings"].shape[0])
+        d = dims.d_model
+        sd: StateDict = {
+            "encoder.conv1.weight": v["encoder/conv1/weight"].float(), "encoder.conv1.bias": v["encoder/conv1/bias"].float(),
+            "encoder.conv2.weight": v["encoder/conv2/weight"].float(), "encoder.conv2.bias": v["encoder/conv2/bias"].float(),
+            "encoder.pe": v["encoder/position_encodings/encodings"].float(),
+            "decoder.embed.weight": emb.float(), "decoder.pos": v["decoder/position_encodings/encodings"].float(),
+        }
+
+        def norm(ours: str, theirs: str) -> None:
+            sd[f"{ours}.weight"], sd[f"{ours}.bias"] = v[f"{theirs}/gamma"].float(), v[f"{theirs}/beta"].float()
+
+        def linear(ours: str, theirs: str, rows: slice = slice(None), bias: bool = True) -> None:
+            sd[f"{ours}.weight"] = _ct2_weight(v, theirs)[rows]
+            if bias:
+                sd[f"{ours}.bias"] = v[f"{theirs}/bias"].float()[rows]
+
+        def fused(ours: str, theirs: str, parts: str) -> None:  # parts: "qkv" or "kv", stacked by output rows
+            for j, p in enumerate(parts):
+                linear(f"{ours}.{p}", theirs, slice(j * d, (j + 1) * d), bias=p != "k")
+
+        norm("encoder.norm", "encoder/layer_norm")
+        norm("decoder.norm", "decoder/layer_norm")
+        for part, n in (("encoder", n_enc), ("decoder", n_dec)):
+            for i in range(n):
+                o, t = f"{part}.layers.{i}", f"{part}/layer_{i}"
+                sa = "attn" if part == "encoder" else "self_attn"
+                norm(f"{o}.{sa}.norm", f"{t}/self_attention/layer_norm")
+                fused(f"{o}.{sa}", f"{t}/self_attention/linear_0", "qkv")
+                linear(f"{o}.{sa}.out", f"{t}/self_attention/linear_1")
+                if part == "decoder":
+                    norm(f"{o}.src_attn.norm", f"{t}/attention/layer_norm")
+                    linear(f"{o}.src_attn.q", f"{t}/attention/linear_0")
+                    fused(f"{o}.src_attn", f"{t}/attention/linear_1", "kv")
+                    linear(f"{o}.src_attn.out", f"{t}/attention/linear_2")
+                norm(f"{o}.ffn.norm", f"{t}/ffn/layer_norm")
+                linear(f"{o}.ffn.w1", f"{t}/ffn/linear_0")
+                linear(f"{o}.ffn.w2", f"{t}/ffn/linear_1")
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path / 'model.bin'}: not a complete CTranslate2 Whisper model ({e})") from None
+    return dims, sd
+
+
+# ---- any of the three
+def detect_format(path: Path) -> str:
+    if path.is_file() and path.suffix == ".pt":
+        return "openai"
+    if path.is_dir() and (path / "model.bin").is_file():
+        return "ctranslate2"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "transformers"
+    raise CheckpointError(f"{path}: not a Whisper checkpoint this tool reads: expected an openai-whisper .pt file, a "
+                          "transformers directory (config.json + model.safetensors) or a CTranslate2 directory (model.bin)")
+
+
+READERS: dict[str, Callable[[Path], tuple[WhisperDims, StateDict]]] = {
+    "openai": read_openai, "transformers": read_hf, "ctranslate2": read_ct2}
+
+
+def load_pretrained(path: Path) -> tuple[WhisperModel, str]:
+    """A WhisperModel with the checkpoint's weights (float32), and the format it was read from."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found")
+    fmt = detect_format(path)
+    dims, sd = READERS[fmt](path)
+    model = WhisperModel(dims)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the Whisper layout ({str(e).splitlines()[0][:160]})") from None
+    return model.eval(), fmt
+
+
+def _torch_load(path: Path):  # noqa: ANN202
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # plain tensors only: never code from a file
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged or code-carrying file
+        raise CheckpointError(f"{path}: unreadable as plain tensors ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
