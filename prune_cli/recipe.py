@@ -54,6 +54,11 @@ class TokenizerConfig:
 
 @dataclass
 class ModelConfig:
+    family: Literal["ebranchformer", "whisper"] = "ebranchformer"
+    # whisper: the pretrained model (whisper-base, a transformers dir, an openai-whisper .pt, a CTranslate2 dir, or
+    # a `prune-cli model import` .pt); the width and depth keys below are then the checkpoint's, not the recipe's
+    pretrained: str = ""
+    whisper_input: Literal["padded", "variable"] = "padded"  # Whisper's 30-s input, or the utterance's own length
     d_model: int = 144
     heads: int = 4
     enc_layers: int = 6
@@ -181,6 +186,8 @@ class EvalConfig:
     beam_size: int = 1
     length_penalty: float = 0.0
     max_len_ratio: float = 1.0  # max output tokens = max_len_ratio * encoder frames (capped by model.max_len)
+    # Text form before scoring: `basic` (lowercase, punctuation removed for WER) or `numbers` (also numbers as digits)
+    normalize: Literal["basic", "numbers"] = "basic"
     # ASR only: joint CTC/attention beam search, (1 - w) * attention + w * CTC prefix score (needs beam_size > 1)
     ctc_weight: float = 0.0
     batch_size: int = 64
@@ -471,6 +478,16 @@ def _semantic_checks(r: Recipe) -> list[str]:
     for sec, key in (("encoder", r.gates.target.encoder), ("decoder", r.gates.target.decoder)):
         if not 0.0 <= key < 1.0:
             errs.append(f"gates.target.{sec}: must be in [0, 1), got {key}")
+    if r.model.family == "whisper":
+        if not r.model.pretrained:
+            errs.append("model.pretrained: the whisper family starts from a pretrained model (whisper-base, or a path)")
+        for key, w in (("base.ctc_weight", r.base.ctc_weight), ("eval.ctc_weight", r.eval.ctc_weight)):
+            if w > 0:
+                errs.append(f"{key}: Whisper has no CTC head; set it to 0")
+        if r.data.sample_rate != 16000:
+            errs.append(f"data.sample_rate: Whisper's front end takes 16000 Hz, got {r.data.sample_rate}")
+    elif r.model.pretrained:
+        errs.append("model.pretrained: only the whisper family loads a pretrained model (set model.family: whisper)")
     if r.model.d_model % r.model.heads:
         errs.append(f"model.d_model: {r.model.d_model} is not divisible by model.heads={r.model.heads}")
     if r.model.cgmlp_dim % 2:

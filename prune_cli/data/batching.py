@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -13,7 +14,8 @@ from prune_cli.data.audio import load_audio
 from prune_cli.data.config import ContextDefaults
 from prune_cli.data.features import apply_cmvn, fbank
 from prune_cli.data.manifest import Utterance, read_any
-from prune_cli.data.tokenizer import EOS, Tokenizer
+from prune_cli.data.tokenizer import Tokenizer
+from prune_cli.data.whisper_features import whisper_frames
 from prune_cli.errors import DataError, MissingInputError
 from prune_cli.progress import log, progress, warn
 
@@ -42,6 +44,7 @@ class SplitSpec:
     n_mels: int
     on_error: str  # fail | skip
     max_frames: int | None = None  # the longest input the model takes, in 10 ms frames
+    frontend: str = "fbank"  # fbank (kaldi, then CMVN) | whisper (Whisper's log-mel)
 
 
 def load_split(spec: SplitSpec, cache: Path | None = None) -> Split:
@@ -78,7 +81,7 @@ def load_split(spec: SplitSpec, cache: Path | None = None) -> Split:
                     raise DataError(f"{u.where}: {e.problems[0]}") from None
                 skipped += 1
                 continue
-            f = fbank(wav, spec.sample_rate, spec.n_mels)
+            f = whisper_frames(wav, spec.n_mels) if spec.frontend == "whisper" else fbank(wav, spec.sample_rate, spec.n_mels)
             if f.shape[0] < 8:
                 if fail:
                     raise DataError(f"{u.where}: audio too short ({wav.shape[0]} samples)")
@@ -160,22 +163,38 @@ class Batch:
         return self
 
 
-def collate(
-    split: Split, idx: list[int], tok: Tokenizer, cmvn: dict[str, torch.Tensor], max_len: int
-) -> Batch:
-    feats = [apply_cmvn(split.feats[i].float(), cmvn) for i in idx]
+@dataclass(frozen=True)
+class InputSpec:
+    """How stored features become the model's input."""
+
+    cmvn: dict[str, torch.Tensor] | None  # fbank: global mean/variance normalization
+    pad_to: int | None = None  # Whisper's 30-s input: every utterance padded to this many frames with its silence frame
+
+
+def model_inputs(split: Split, idx: Sequence[int], spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, F) padded input and (B,) true lengths of the utterances `idx`."""
+    feats = [split.feats[i].float() for i in idx]
+    if spec.cmvn is not None:
+        feats = [apply_cmvn(f, spec.cmvn) for f in feats]
     lens = torch.tensor([f.shape[0] for f in feats])
-    x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+    if spec.pad_to is not None:  # a Whisper utterance ends with a frame of the padding's (silence) value
+        feats = [torch.cat([f, f[-1:].expand(spec.pad_to - f.shape[0], -1)]) for f in feats]
+    return torch.nn.utils.rnn.pad_sequence(feats, batch_first=True), lens
+
+
+def collate(split: Split, idx: list[int], tok: Tokenizer, inputs: InputSpec, max_len: int) -> Batch:
+    x, lens = model_inputs(split, idx, inputs)
+    eos = tok.eos
     seqs_in, seqs_out, ctc = [], [], []
     for i in idx:
         u = split.utts[i]
         prompt = tok.prompt(u.task, u.source_lang, u.target_lang)
         y = tok.encode(u.text)[: max_len - len(prompt) - 1]
         seqs_in.append(torch.tensor(prompt + y))
-        seqs_out.append(torch.tensor([IGNORE] * (len(prompt) - 1) + y + [EOS]))
+        seqs_out.append(torch.tensor([IGNORE] * (len(prompt) - 1) + y + [eos]))
         src = u.text if u.task == "asr" else (u.source_text or "")
         ctc.append(torch.tensor(tok.encode(src) if src else [], dtype=torch.long))
-    dec_in = torch.nn.utils.rnn.pad_sequence(seqs_in, batch_first=True, padding_value=EOS)
+    dec_in = torch.nn.utils.rnn.pad_sequence(seqs_in, batch_first=True, padding_value=eos)
     dec_out = torch.nn.utils.rnn.pad_sequence(seqs_out, batch_first=True, padding_value=IGNORE)
     ctc_lens = torch.tensor([len(c) for c in ctc])
     ctc_targets = torch.nn.utils.rnn.pad_sequence(ctc, batch_first=True, padding_value=0) if ctc_lens.sum() else torch.zeros(len(idx), 1, dtype=torch.long)

@@ -21,6 +21,8 @@ def special_tokens(vocab: ContextVocab) -> list[str]:
 
 
 class Tokenizer:
+    eos = EOS
+
     def __init__(self, kind: str, pieces: list[str], vocab: ContextVocab, sp_model: bytes | None = None):
         self.kind = kind
         self.pieces = pieces  # text units after the specials (chars, or sentencepiece pieces)
@@ -76,6 +78,10 @@ class Tokenizer:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{meta_path}: cannot read tokenizer: {e}") from None
+        if meta.get("kind") == "whisper":
+            from prune_cli.data.whisper_tokenizer import WhisperTokenizer
+
+            return WhisperTokenizer.from_blob(meta)  # type: ignore[return-value]
         specials = meta.get("specials") or []
         if "tasks" in meta:
             vocab = ContextVocab(tuple(meta["tasks"]), tuple(meta["langs"]))

@@ -33,3 +33,13 @@ def log_mel(wav: torch.Tensor, n_mels: int = 80, pad_to_30s: bool = False) -> to
     log_spec = mel.clamp(min=1e-10).log10()
     log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
     return ((log_spec + 4.0) / 4.0).T.contiguous()
+
+
+def whisper_frames(wav: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
+    """Whisper's 30-s padded features, stored short: the frames that see the utterance, then one frame of the
+    padding (all later frames equal it). Padding with that last frame restores the 3000 frames exactly."""
+    if wav.shape[-1] > CHUNK_SAMPLES:
+        return log_mel(wav, n_mels)  # longer than Whisper takes: the caller's max_frames check rejects it
+    feats = log_mel(wav, n_mels, pad_to_30s=True)
+    n = min(CHUNK_FRAMES, -(-(wav.shape[-1] + N_FFT // 2) // HOP) + 1)  # the first frame whose window is all padding
+    return feats[:n].clone()

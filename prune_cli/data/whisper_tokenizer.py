@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from prune_cli.atomic import atomic_write_json
 from prune_cli.contexts import ContextVocab
 from prune_cli.errors import CheckpointError, DataError
 
@@ -25,6 +28,7 @@ class WhisperTokenizer:
         self.eot = self._special("<|endoftext|>")
         self.sot = self._special("<|startoftranscript|>")
         self.no_timestamps = self._special("<|notimestamps|>")
+        self.eos = self.eot
         self.n_specials = self.eot  # ids from <|endoftext|> on are special; text tokens come first
         self.suppress = sorted(suppress) if suppress is not None else self.non_speech_tokens()
         self.suppress_begin = sorted(suppress_begin) if suppress_begin is not None else [self.encode(" ")[0], self.eot]
@@ -83,6 +87,9 @@ class WhisperTokenizer:
         if nospeech is not None:
             result.add(nospeech)
         return sorted(result)
+
+    def save(self, d: Path) -> None:
+        atomic_write_json(d / "tokenizer.json", self.to_blob())
 
     def to_blob(self) -> dict:
         return {"kind": self.kind, "bpe_json": self.bpe_json, "suppress": self.suppress, "suppress_begin": self.suppress_begin,

@@ -8,16 +8,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from prune_cli.atomic import atomic_write_json, atomic_write_text, json_safe
 from prune_cli.contexts import TASKS, ContextVocab
-from prune_cli.data.batching import Split
-from prune_cli.data.features import apply_cmvn
+from prune_cli.data.batching import Split, model_inputs
 from prune_cli.data.tokenizer import Tokenizer
 from prune_cli.engine.compare import comparison_pairs, paired_bootstrap
 from prune_cli.engine.masking import group_by_pattern, utterance_patterns
-from prune_cli.engine.metrics import NORMALIZATION, asr_scores, bleu_measurable, st_scores, utterance_score
+from prune_cli.engine.metrics import NORMALIZATION, NUMBERS_NORMALIZATION, asr_scores, bleu_measurable, number_form, st_scores, utterance_score
 from prune_cli.engine.session import Session
 from prune_cli.errors import DataError, MissingInputError, UsageError
 from prune_cli.gating.masks import MaskFile
@@ -42,9 +39,7 @@ def decode_split(
         task_opts = options_for_task(opts, u0.task)
         for start in range(0, len(members), batch_size):
             chunk = members[start : start + batch_size]
-            feats = [apply_cmvn(split.feats[i].float(), s.cmvn) for i in chunk]
-            lens = torch.tensor([f.shape[0] for f in feats], device=s.device)
-            x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(s.device)
+            x, lens = (t.to(s.device) for t in model_inputs(split, chunk, s.inputs))
             for i, ids in zip(chunk, decode(model, x, lens, prompt, pattern, task_opts)):
                 hyps[i] = tok.decode(ids)
             if bar is not None:
@@ -55,7 +50,13 @@ def decode_split(
 def scored_options(cfg: EvalConfig, tok: Tokenizer) -> DecodeOptions:
     """The decoding whose output eval scores (profile times it too)."""
     return DecodeOptions(cfg.beam_size, cfg.length_penalty, cfg.max_len_ratio, ctc_weight=cfg.ctc_weight,
-                         n_specials=tok.n_specials)
+                         n_specials=tok.n_specials, **token_rules(tok))
+
+
+def token_rules(tok: Tokenizer) -> dict:
+    """End of text and the tokens never decoded (Whisper's suppression lists; none for our own tokenizer)."""
+    return {"eos": tok.eos, "suppress": tuple(getattr(tok, "suppress", ())),
+            "suppress_begin": tuple(getattr(tok, "suppress_begin", ()))}
 
 
 def options_for_task(opts: DecodeOptions, task: str) -> DecodeOptions:
@@ -109,7 +110,8 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
         out_dir = s.run.path / "eval" / "sets" / eval_set.name
     else:
         out_dir = s.run.path / "eval" if full else s.run.path / "eval" / "partial"
-    summary: dict[str, Any] = {"variants": {}, "signatures": {}, "normalization": NORMALIZATION,
+    norm = NORMALIZATION + (NUMBERS_NORMALIZATION if cfg.normalize == "numbers" else "")
+    summary: dict[str, Any] = {"variants": {}, "signatures": {}, "normalization": norm,
                                "split": cfg.split if eval_set is None else None, "decoding": vars(opts), "complete": full}
     if eval_set is not None:
         summary["set"] = {"name": eval_set.name, "manifest": str(eval_set.path), "fingerprint": eval_set.fingerprint,
@@ -133,9 +135,13 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
             res: dict[str, Any] = {}
             for ctx in sorted(by_ctx):
                 members = by_ctx[ctx]
-                refs = [split.utts[i].text for i in members]
-                hs = [hyps[i] for i in members]
                 task = split.utts[members[0]].task
+                u0 = split.utts[members[0]]
+                lang = u0.source_lang if task == "asr" else u0.target_lang
+                raw_refs = [split.utts[i].text for i in members]
+                raw_hs = [hyps[i] for i in members]
+                form = (lambda t: number_form(t, lang)) if cfg.normalize == "numbers" else (lambda t: t)  # noqa: E731
+                refs, hs = [form(t) for t in raw_refs], [form(t) for t in raw_hs]
                 tasks[ctx], refs_by_ctx[ctx] = task, refs
                 hyps_by_variant.setdefault(variant, {})[ctx] = hs
                 if task == "asr":
@@ -144,11 +150,11 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
                     scores, summary["signatures"] = st_scores(refs, hs)
                 res[ctx] = {"n": len(members), **{k: round(v, 3) for k, v in scores.items()}}
                 name = ctx.replace(":", "_")
-                outputs[out_dir / variant / f"{name}.hyp"] = "".join(h + "\n" for h in hs)
-                outputs[out_dir / variant / f"{name}.ref"] = "".join(r + "\n" for r in refs)
-                for i, r, h in zip(members, refs, hs):
+                outputs[out_dir / variant / f"{name}.hyp"] = "".join(h + "\n" for h in raw_hs)
+                outputs[out_dir / variant / f"{name}.ref"] = "".join(r + "\n" for r in raw_refs)
+                for i, r, h, sr, sh in zip(members, raw_refs, raw_hs, refs, hs):
                     rows.append({"variant": variant, "utt_id": split.utts[i].utt_id, "context": ctx, "ref": r, "hyp": h,
-                                 **{k: round(v, 3) for k, v in utterance_score(task, r, h).items()}})
+                                 **{k: round(v, 3) for k, v in utterance_score(task, sr, sh).items()}})
             summary["variants"][variant] = res
     # ST contexts whose references BLEU cannot score: their BLEU stays (0), out of the average and the bootstrap.
     unscorable = {ctx for ctx, task in tasks.items() if task == "st" and not bleu_measurable(refs_by_ctx[ctx])}

@@ -7,8 +7,7 @@ from typing import Sequence
 
 import torch
 
-from prune_cli.data.batching import Split
-from prune_cli.data.features import apply_cmvn
+from prune_cli.data.batching import Split, model_inputs
 from prune_cli.engine.session import Session
 from prune_cli.gating.masks import MaskFile
 from prune_cli.gating.predictor import ContextInputs, GatePredictor
@@ -29,9 +28,7 @@ def predict_keep(
     out: list[Keep] = []
     for start in range(0, len(idx), 256):
         chunk = list(idx[start : start + 256])
-        feats = [apply_cmvn(split.feats[i].float(), s.cmvn) for i in chunk]
-        lens = torch.tensor([f.shape[0] for f in feats], device=s.device)
-        x = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(s.device)
+        x, lens = (t.to(s.device) for t in model_inputs(split, chunk, s.inputs))
         us = [split.utts[i] for i in chunk]
         ctx = ContextInputs.build([u.task for u in us], [u.source_lang for u in us], [u.target_lang for u in us],
                                   [u.speaker for u in us], x, lens, speakers, s.tokenizer.vocab)

@@ -10,13 +10,13 @@ import resource
 import statistics
 import time
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import torch
 
 from prune_cli.atomic import atomic_write_json
-from prune_cli.data.batching import Split
-from prune_cli.data.features import apply_cmvn
+from prune_cli.data.batching import Split, model_inputs
 from prune_cli.engine.evaluate import options_for_task, scored_options
 from prune_cli.engine.session import Session
 from prune_cli.model.decoding import DecodeOptions, decode
@@ -80,9 +80,8 @@ def measure_interleaved(
 
 
 def _batch(s: Session, split: Split, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    feats = [apply_cmvn(split.feats[i].float(), s.cmvn) for i in idx]
-    lens = torch.tensor([f.shape[0] for f in feats], device=s.device)
-    return torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(s.device), lens
+    x, lens = model_inputs(split, idx, s.inputs)
+    return x.to(s.device), lens.to(s.device)
 
 
 def _kind_of(fqn: str) -> str | None:
@@ -137,7 +136,7 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
     groups = dict(sorted(groups.items()))
     contexts = list(groups)
     scored = scored_options(s.recipe.eval, s.tokenizer)
-    greedy = DecodeOptions(1, 0.0, s.recipe.eval.max_len_ratio, n_specials=scored.n_specials)
+    greedy = replace(scored, beam_size=1, length_penalty=0.0, ctc_weight=0.0)
     # The headline latency is that of the decoding eval scores; greedy is timed beside it when that differs.
     decodings = {"e2e": scored} | ({"e2e_greedy": greedy} if scored != greedy else {})
     # One pattern per context; with per-utterance gates that is each context's most frequent pattern.

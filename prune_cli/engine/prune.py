@@ -114,7 +114,7 @@ def materialize(s: Session, mf: MaskFile) -> dict[str, dict[str, Any]]:
     full.unlink()
     for ctx, keep in mf.variants[CONTEXT.name].items():
         removed = [n for n, k in zip(mf.modules, keep) if not k]
-        pruned = SpeechModel(model.dims, removed=removed)
+        pruned = type(model)(model.dims, removed=removed)
         state = {k: v for k, v in model.state_dict().items() if k in pruned.state_dict()}
         pruned.load_state_dict(state, strict=True)
         path = s.run.path / "pruned" / f"{ctx.replace(':', '_')}.pt"

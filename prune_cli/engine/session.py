@@ -15,15 +15,19 @@ import torch.distributed as dist
 
 from prune_cli.atomic import atomic_torch_save
 from prune_cli.contexts import ContextVocab, language_problem, parse_context_key, task_problem
-from prune_cli.data.batching import Split, SplitSpec, load_split
+from prune_cli.data.batching import InputSpec, Split, SplitSpec, load_split
 from prune_cli.data.features import compute_cmvn
 from prune_cli.data.manifest import fingerprint, split_fingerprint, split_path
 from prune_cli.data.tokenizer import Tokenizer, train_tokenizer
-from prune_cli.errors import CheckpointError, MissingInputError, UsageError
+from prune_cli.data.whisper_features import CHUNK_FRAMES
+from prune_cli.data.whisper_tokenizer import WhisperTokenizer
+from prune_cli.errors import CheckpointError, DataError, MissingInputError, UsageError
 from prune_cli.gating.masks import MaskFile
 from prune_cli.gating.predictor import GatePredictor
 from prune_cli.model.checkpoint import load_model, read_checkpoint
 from prune_cli.model.s2t import SpeechModel, dims_from_recipe, max_input_frames
+from prune_cli.model.whisper import WhisperModel
+from prune_cli.model.whisper_import import TokenizerFiles
 from prune_cli.progress import log
 from prune_cli.recipe import ContextDefaults, Recipe, is_plain_name
 from prune_cli.runs import RunDir
@@ -76,12 +80,30 @@ class Session:
         self._models: dict[str, SpeechModel] = {}  # loaded checkpoints, by path (inference only)
 
     # ---- data
+    @property
+    def is_whisper(self) -> bool:
+        return self.recipe.model.family == "whisper"
+
+    @property
+    def inputs(self) -> InputSpec:
+        """How stored features become model input: CMVN for our own model, Whisper's 30-s padding for Whisper."""
+        if self.is_whisper:
+            return InputSpec(None, CHUNK_FRAMES if self.recipe.model.whisper_input == "padded" else None)
+        return InputSpec(self.cmvn)
+
+    @property
+    def max_tokens(self) -> int:
+        """The decoder's positions: prompt + text + end of text must fit."""
+        return self.dense_model().dims.max_len if self.is_whisper else self.recipe.model.max_len
+
+    # ---- data
     def split(self, name: str) -> Split:
-        spec = split_spec(self.recipe, name, max_input_frames())
+        spec = split_spec(self.recipe, name)
         # The cache depends on what is read and how it is featurized, not on batching or eval caps.
         d = self.recipe.data
+        front = [spec.frontend] if spec.frontend != "fbank" else []  # fbank: the key it always had
         key = hashlib.sha256(json.dumps([str(spec.path), spec.sample_rate, spec.on_error, vars(d.defaults), spec.n_mels,
-                                         spec.max_frames, split_fingerprint(d.manifest_dir, d.kaldi_dir, name)]
+                                         spec.max_frames, split_fingerprint(d.manifest_dir, d.kaldi_dir, name), *front]
                                         ).encode()).hexdigest()[:10]
         return load_split(spec, cache=self.run.path / "cache" / f"{name}-{key}.pt")
 
@@ -95,7 +117,7 @@ class Session:
         if not path.exists():
             raise MissingInputError(f"--manifest {path}: not found (a JSONL manifest or a Kaldi data dir)")
         defaults = self.recipe.data.defaults if context is None else parse_context(context)
-        spec = replace(split_spec(self.recipe, "test", max_input_frames()), path=path, defaults=defaults)
+        spec = replace(split_spec(self.recipe, "test"), path=path, defaults=defaults)
         split = load_split(spec)
         return EvalSet(name, path, split, fingerprint(path), sum(u.context_defaulted for u in split.utts))
 
@@ -106,10 +128,23 @@ class Session:
             return Tokenizer.load(d)
         raise MissingInputError(f"{d}: tokenizer not found; it is trained by `prune-cli train RECIPE --stage base`")
 
-    def build_tokenizer(self, train: Split) -> Tokenizer:
+    def build_tokenizer(self, train: Split, pretrained: TokenizerFiles | None = None) -> Tokenizer:
         d = self.run.tokenizer_dir
         if (d / "tokenizer.json").is_file():
             return Tokenizer.load(d)
+        if pretrained is not None:  # Whisper's own BPE; the context vocabulary is still the training data's
+            vocab = ContextVocab.build({u.task for u in train.utts}, {lg for u in train.utts for lg in (u.source_lang, u.target_lang)},
+                                       self.recipe.data.synth.languages)
+            wtok = WhisperTokenizer(pretrained.bpe_json, vocab, pretrained.suppress, pretrained.suppress_begin)
+            problems = sorted({f"{u.task}:{u.source_lang}-{u.target_lang}: {p}" for u in train.utts
+                               for p in wtok.context_problems(u.task, u.source_lang, u.target_lang)})
+            if problems:
+                raise DataError(problems + [f"{len(problems)} context(s) of the training data Whisper cannot be prompted with"])
+            if self.dist.is_main:
+                wtok.save(d)
+            log(f"tokenizer: Whisper's, {wtok.vocab_size} tokens; tasks {', '.join(vocab.tasks)}; languages {', '.join(vocab.langs)}")
+            self.__dict__["tokenizer"] = wtok
+            return wtok  # type: ignore[return-value]
         texts = [u.text for u in train.utts] + [u.source_text for u in train.utts if u.source_text]
         # The context vocabulary is the training data's; the demo corpus's languages keep the recipe's order.
         vocab = ContextVocab.build({u.task for u in train.utts}, {lg for u in train.utts for lg in (u.source_lang, u.target_lang)},
@@ -128,7 +163,9 @@ class Session:
             raise MissingInputError(f"{p}: CMVN stats not found; they are computed by `prune-cli train RECIPE --stage base`")
         return torch.load(p, weights_only=True)
 
-    def build_cmvn(self, train: Split) -> dict[str, torch.Tensor]:
+    def build_cmvn(self, train: Split) -> dict[str, torch.Tensor] | None:
+        if self.is_whisper:  # Whisper's features are normalized by its front end
+            return None
         if self.run.cmvn.is_file():
             return self.cmvn
         stats = compute_cmvn(train.feats)
@@ -151,12 +188,25 @@ class Session:
     def variant_model(self, variant: str) -> SpeechModel:
         return self.base_model(variant) if VARIANTS[variant].masked else self.dense_model()
 
+    def configure(self, model: SpeechModel) -> SpeechModel:
+        """Run-time settings a checkpoint does not carry: Whisper's input mode."""
+        if isinstance(model, WhisperModel):
+            model.padded_input = self.recipe.model.whisper_input == "padded"
+        return model
+
     def _load(self, path: Path, hint: str) -> SpeechModel:
         key = str(path)
         if key not in self._models:
             model, _ = load_model(path, hint)
-            want = asdict(dims_from_recipe(self.recipe.model, self.recipe.features.n_mels, self.tokenizer.vocab_size))
-            have = asdict(model.dims)
+            if model.family != self.recipe.model.family:
+                raise CheckpointError(f"{path}: a {model.family} checkpoint, but the recipe's model.family is "
+                                      f"{self.recipe.model.family}")
+            if isinstance(model, WhisperModel):
+                self.configure(model)
+                want, have = {}, {}
+            else:
+                want = asdict(dims_from_recipe(self.recipe.model, self.recipe.features.n_mels, self.tokenizer.vocab_size))
+                have = asdict(model.dims)
             diff = [f"{k} {have.get(k)} (recipe: {v})" for k, v in want.items() if k != "dropout" and have.get(k) != v]
             if diff:
                 raise CheckpointError(f"{path}: the checkpoint's architecture does not match the recipe: {', '.join(diff)}; "
@@ -215,10 +265,12 @@ def parse_context(key: str) -> ContextDefaults:
     return ContextDefaults(task, src, tgt)
 
 
-def split_spec(recipe: Recipe, split: str, max_frames: int | None = None) -> SplitSpec:
+def split_spec(recipe: Recipe, split: str) -> SplitSpec:
+    """What a split is read with: our fbank up to the E-Branchformer's positional table, or Whisper's log-mel up to 30 s."""
     d = recipe.data
+    whisper = recipe.model.family == "whisper"
     return SplitSpec(split_path(d.manifest_dir, d.kaldi_dir, split), d.defaults, d.sample_rate, recipe.features.n_mels,
-                     d.on_error, max_frames)
+                     d.on_error, CHUNK_FRAMES if whisper else max_input_frames(), "whisper" if whisper else "fbank")
 
 
 def build_predictor(recipe: Recipe, n_modules: int, inputs: list[str], speakers: list[str], vocab: ContextVocab) -> GatePredictor:

@@ -24,12 +24,13 @@ from prune_cli.data.batching import IGNORE, Batch, Split, collate, make_batches,
 from prune_cli.data.features import spec_augment
 from prune_cli.engine.masking import exact_cut
 from prune_cli.engine.session import Session, build_predictor, init_distributed
-from prune_cli.errors import TrainingError
+from prune_cli.errors import TrainingError, UsageError
 from prune_cli.gating.predictor import ContextInputs, GatePredictor, deterministic_gates, gumbel_straight_through, tau_at
 from prune_cli.gating.sparsity import SparsitySpec, calibration_shift
 from prune_cli.model.checkpoint import load_model, save_model
 from prune_cli.model.flops import module_flops
 from prune_cli.model.s2t import SpeechModel, count_params, dims_from_recipe
+from prune_cli.model.whisper_import import open_pretrained
 from prune_cli.progress import log, progress
 from prune_cli.runs import derived_generator, seed_everything
 from prune_cli.variants import TRAINED
@@ -207,7 +208,7 @@ def _batch_plan(split: Split, s: Session, epoch: int, seed: int) -> list[list[in
 
 def _prepare(split: Split, idx: list[int], s: Session, augment: tuple[int, int] | None) -> Batch:
     """Collate on the device; `augment` = (seed, step) of a training batch's SpecAugment, None for evaluation."""
-    b = collate(split, idx, s.tokenizer, s.cmvn, s.recipe.model.max_len)
+    b = collate(split, idx, s.tokenizer, s.inputs, s.max_tokens)
     if augment is not None and s.recipe.features.specaugment is not None:
         seed, step = augment
         b.feats = spec_augment(b.feats, b.feat_lens, s.recipe.features.specaugment,
@@ -354,8 +355,29 @@ def prepare_data(s: Session) -> tuple[Split, Split]:
     return train, dev
 
 
-def train_base(s: Session) -> dict[str, float]:
+def import_pretrained_base(s: Session) -> dict[str, Any]:
+    """The whisper family's base stage: the pretrained model converted once into the run's base checkpoint, with
+    Whisper's tokenizer and the training data's context vocabulary."""
     r = s.recipe
+    model, tok_files, source = open_pretrained(r.model.pretrained)
+    if model.dims.n_mels != r.features.n_mels:
+        raise UsageError(f"features.n_mels: {r.features.n_mels}, but the pretrained Whisper takes {model.dims.n_mels} mel bins")
+    train = s.split("train")
+    s.build_tokenizer(train, tok_files)
+    log(f"base model: pretrained Whisper from {source['source']} ({source['format']}), {count_params(model) / 1e6:.2f}M "
+        f"parameters, {model.n_modules} prunable modules; input {r.model.whisper_input}")
+    info = {"params": count_params(model), "pretrained": source["source"], "pretrained_format": source["format"],
+            "weights_hash": model.weights_hash()}
+    if s.dist.is_main:
+        save_model(s.run.base_ckpt, model, source=source)
+        s.run.update_metrics("base", info)
+    return info
+
+
+def train_base(s: Session) -> dict[str, Any]:
+    r = s.recipe
+    if s.is_whisper:
+        return import_pretrained_base(s)
     s.dist = init_distributed(s.device)
     seed_everything(r.seed)
     train, dev = prepare_data(s)
@@ -410,7 +432,7 @@ def calibrate_thresholds(s: Session, predictor: GatePredictor, spec: SparsitySpe
 
 def _load_base(s: Session) -> SpeechModel:
     model, _ = load_model(s.run.base_ckpt, "prune-cli train RECIPE --stage base")
-    return model.to(s.device).eval()
+    return s.configure(model).to(s.device).eval()
 
 
 def train_gates(s: Session) -> dict[str, dict[str, float]]:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 
 from prune_cli.atomic import atomic_torch_save
 from prune_cli.errors import CheckpointError, MissingInputError
 from prune_cli.model.s2t import ModelDims, SpeechModel
+from prune_cli.model.whisper import WhisperDims, WhisperModel
+
+Model = Union[SpeechModel, WhisperModel]
 
 
-def save_model(path: Path, model: SpeechModel, **extra: Any) -> None:
+def save_model(path: Path, model: Model, **extra: Any) -> None:
+    family = {"family": model.family} if isinstance(model, WhisperModel) else {}  # no key: the E-Branchformer
     atomic_torch_save(path, {
-        "kind": "prune-cli/model", "dims": asdict(model.dims), "removed": sorted(model.removed),
+        "kind": "prune-cli/model", **family, "dims": asdict(model.dims), "removed": sorted(model.removed),
         "state_dict": model.state_dict(), **extra,
     })
 
@@ -32,10 +36,13 @@ def read_checkpoint(path: Path, kind: str, producer: str) -> dict[str, Any]:
     return blob
 
 
-def load_model(path: Path, producer: str = "prune-cli train RECIPE") -> tuple[SpeechModel, dict[str, Any]]:
+def load_model(path: Path, producer: str = "prune-cli train RECIPE") -> tuple[Model, dict[str, Any]]:
     blob = read_checkpoint(path, "prune-cli/model", producer)
     try:
-        model = SpeechModel(ModelDims(**blob["dims"]), removed=blob["removed"])
+        if blob.get("family", "ebranchformer") == "whisper":
+            model: Model = WhisperModel(WhisperDims(**blob["dims"]), removed=blob["removed"])
+        else:
+            model = SpeechModel(ModelDims(**blob["dims"]), removed=blob["removed"])
         model.load_state_dict(blob["state_dict"])
     except (TypeError, KeyError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: checkpoint does not match the model code ({str(e).splitlines()[0][:160]})") from None

@@ -36,7 +36,7 @@ _NO_ARITH = {
 
 
 # FlopCounterMode names modules "<RootClass>.<fqn>"; map our roots back to FQNs inside SpeechModel.
-_ROOTS = {"SpeechModel": "", "Encoder": "encoder", "Decoder": "decoder"}
+_ROOTS = {"SpeechModel": "", "WhisperModel": "", "Encoder": "encoder", "Decoder": "decoder"}
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -112,6 +112,8 @@ def module_flops(model: torch.nn.Module, frames: int, tokens: int) -> dict[str, 
     """FLOPs of each prunable module of a SpeechModel for one utterance of `frames` input frames and `tokens`
     decoder tokens (teacher-forced forward)."""
     dev = next(model.parameters()).device
+    if getattr(model, "padded_input", False):  # Whisper's fixed 30-s input, whatever the utterance's length
+        frames = 2 * model.dims.n_audio_ctx
     x = torch.zeros(1, frames, model.dims.n_mels, device=dev)
     y = torch.zeros(1, tokens, dtype=torch.long, device=dev)
     with torch.no_grad():

@@ -157,6 +157,8 @@ class Decoder(nn.Module):
 
 
 class SpeechModel(nn.Module):
+    family = "ebranchformer"
+
     def __init__(self, dims: ModelDims, removed: Sequence[str] = ()):
         super().__init__()
         self.dims = dims

