@@ -119,7 +119,11 @@ def eval_(recipe: RecipeArg, variants: VariantsOpt = None,
 
 
 @app.command()
-def profile(recipe: RecipeArg, variants: VariantsOpt = None, overrides: OverridesArg = None, set_: SetOpt = None,
+def profile(recipe: RecipeArg, variants: VariantsOpt = None,
+            manifest: Annotated[Optional[Path], typer.Option(help="Profile on another test set (JSONL manifest or Kaldi dir) into profile/sets/NAME/.")] = None,
+            name: Annotated[Optional[str], typer.Option(help="That set's name (default: the manifest's stem).")] = None,
+            context: Annotated[Optional[str], typer.Option(help="Context of its utterances that name none, e.g. asr:de.")] = None,
+            overrides: OverridesArg = None, set_: SetOpt = None,
             run_dir: RunDirOpt = None, device: DeviceOpt = "auto", json_out: JsonOpt = False, quiet: QuietOpt = False,
             debug: DebugOpt = False) -> None:
     """FLOPs and latency of dense vs pruned variants under eval's decoding, greedy beside it (CUDA events / perf_counter)."""
@@ -127,8 +131,11 @@ def profile(recipe: RecipeArg, variants: VariantsOpt = None, overrides: Override
         from prune_cli.engine.runner import run_stage
         from prune_cli.report import profile_table
 
+        if (name or context) and manifest is None:
+            raise UsageError("--name and --context go with --manifest")
         s, _, _ = open_session(recipe, override_list(set_, overrides), run_dir, device)
-        summary = run_stage(s, "profile", variants=variant_list(variants))
+        extra = s.eval_set(manifest, name or (manifest.name if manifest.is_dir() else manifest.stem), context) if manifest else None
+        summary = run_stage(s, "profile", variants=variant_list(variants), eval_set=extra)
         emit(summary, json_out, lambda: print_tables(profile_table(summary)))
 
 

@@ -199,6 +199,11 @@ def write_report(run_dir: Path, recipe_path: str, overrides: list[str]) -> Path:
                   markdown_table(h, rows), ""]
         if es.get("comparisons"):
             lines += [markdown_table(COMPARISON_HEADER, comparison_rows(es)), ""]
+        ps = _read(run_dir / "profile" / "sets" / info["name"] / "summary.json") if (
+            run_dir / "profile" / "sets" / info["name"] / "summary.json").is_file() else {}
+        if ps.get("ratios"):
+            lines += [f"Cost on this set ({ps.get('decoding_label', 'greedy')}), pruned/dense: " + "; ".join(
+                f"{v} FLOPs {r['flops']}, latency {r['latency']}" for v, r in ps["ratios"].items()) + ".", ""]
     if masks:
         lines += ["## Masks", "", "![mask heatmap](plots/masks_context.png)", ""]
         st = masks["stats"]

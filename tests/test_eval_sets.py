@@ -134,3 +134,21 @@ def test_a_kaldi_dir_without_context_files_takes_the_given_context_and_says_how_
     assert r.returncode == 2 and "--context 'asr:German': 'German' is not a language code" in r.stderr, r.stderr
     r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(run), "--manifest", str(d), "--context", "asr:xx")
     assert r.returncode == 1 and f"context asr:xx ({len(rows)} utterance(s)): language xx not in this run's training data" in r.stderr
+
+
+def test_profile_manifest_costs_its_own_set_and_leaves_the_run_alone(run: Path, extra: Path, smoke_corpus: list[str]) -> None:
+    before = _snapshot(run)
+    r = cli("profile", "ci_smoke", *smoke_corpus, "--run-dir", str(run), "--manifest", str(extra), "--name", "extra")
+    assert r.returncode == 1 and "context st:de-fr (3 utterance(s)) has no trained mask" in r.stderr, r.stderr
+    assert _snapshot(run) == before
+    r = cli("profile", "ci_smoke", *smoke_corpus, "--run-dir", str(run), "--manifest", str(extra), "--name", "extra",
+            "eval.unseen_contexts=nearest", "profile.repeats=1", "profile.batch_sizes=[1]", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    after = _snapshot(run)
+    changed = {k for k in after if before.get(k) != after[k]}
+    assert changed == {"profile/sets/extra/summary.json"}, changed
+    assert summary["set"]["manifest"] == str(extra) and summary["set"]["utterances"]["st:de-fr"] > 0
+    assert summary["fallbacks"]["st:de-fr"]["to"] == "st:de-en"
+    assert sorted(summary["contexts"]) == ["asr:en", "st:de-en", "st:de-fr"]
+    assert 0 < summary["ratios"]["context"]["flops"] < 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
@@ -17,7 +17,7 @@ import torch
 
 from prune_cli.atomic import atomic_write_json
 from prune_cli.data.batching import Split, model_inputs
-from prune_cli.engine.evaluate import options_for_task, scored_options
+from prune_cli.engine.evaluate import EvalSet, options_for_task, resolve_contexts, scored_options
 from prune_cli.engine.session import Session
 from prune_cli.model.decoding import DecodeOptions, decode
 from prune_cli.model.flops import count_flops, stable_name
@@ -120,7 +120,8 @@ def variant_flops(s: Session, model: SpeechModel, split: Split, groups: dict[str
             "output_tokens": out_tokens, "uncounted_ops": dict(uncounted)}
 
 
-def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
+def profile(s: Session, variants: Sequence[str], eval_set: "EvalSet | None" = None) -> dict[str, Any]:
+    """FLOPs and latency per variant on the recipe's eval split, or on another test set (-> profile/sets/NAME/)."""
     cfg = s.recipe.profile
     if s.device.type == "cpu":
         torch.set_num_threads(cfg.threads)
@@ -128,7 +129,7 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
     # decoded lengths, and with them decoder FLOPs and latency, are the ones eval scores.
     models = {v: s.variant_model(v) for v in variants}
     masks = s.masks(variants) if any(VARIANTS[v].masked for v in variants) else None
-    split = s.split(s.recipe.eval.split)
+    split = eval_set.split if eval_set is not None else s.split(s.recipe.eval.split)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, u in enumerate(split.utts):
         if (cfg.contexts is None or u.context in cfg.contexts) and len(groups[u.context]) < cfg.utts_per_context:
@@ -139,14 +140,24 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
     greedy = replace(scored, beam_size=1, length_penalty=0.0, ctc_weight=0.0)
     # The headline latency is that of the decoding eval scores; greedy is timed beside it when that differs.
     decodings = {"e2e": scored} | ({"e2e_greedy": greedy} if scored != greedy else {})
+    # A context prune made no mask for is served as eval serves it (eval.unseen_contexts), or stops here.
+    fallbacks = resolve_contexts(masks, variants, set(contexts), s.recipe.eval.unseen_contexts,
+                                 Counter({c: len(g) for c, g in groups.items()})) if masks is not None else {}
+    served = {c: fallbacks[c]["to"] if c in fallbacks else c for c in contexts}
     # One pattern per context; with per-utterance gates that is each context's most frequent pattern.
-    keep = {v: {c: masks.keep(v, c) if VARIANTS[v].masked else None for c in contexts} for v in variants}
+    keep = {v: {c: masks.keep(v, served[c]) if VARIANTS[v].masked else None for c in contexts} for v in variants}
 
-    full = list(variants) == list(cfg.variants)  # a subset goes beside the full profile, never over it
+    # A subset goes beside the full profile, never over it; another set, in its own folder.
+    full = eval_set is None and list(variants) == list(cfg.variants)
     summary: dict[str, Any] = {"complete": full, "device": _device_name(s.device), "threads": torch.get_num_threads(),
                                "flops_unit": "FLOPs (a multiply-add counts 2)", "flops_decoding": "greedy",
                                "decoding": {k: vars(o) for k, o in decodings.items()},
                                "decoding_label": _label(scored), "variants": {}, "ratios": {}, "contexts": contexts}
+    if eval_set is not None:
+        summary["set"] = {"name": eval_set.name, "manifest": str(eval_set.path), "fingerprint": eval_set.fingerprint,
+                          "utterances": {c: len(g) for c, g in groups.items()}, "context_defaulted": eval_set.defaulted}
+    if fallbacks:
+        summary["fallbacks"] = fallbacks
     with progress("profile flops", total=len(variants)) as bar:
         for v in variants:
             summary["variants"][v] = {"flops": variant_flops(s, models[v], split, groups, keep[v], greedy)}
@@ -191,7 +202,7 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
         if "e2e_greedy" in lat[v][first]:
             summary["variants"][v]["latency_ms_greedy"] = lat[v][first]["e2e_greedy"]
         summary["variants"][v]["latency_by_batch"] = lat[v]
-        summary["variants"][v]["sparsity"] = _mean_sparsity(masks, v, contexts)
+        summary["variants"][v]["sparsity"] = _mean_sparsity(masks, v, [served[c] for c in contexts])
     if s.device.type == "cuda":
         for v in variants:
             torch.cuda.reset_peak_memory_stats()
@@ -220,7 +231,11 @@ def profile(s: Session, variants: Sequence[str]) -> dict[str, Any]:
             if "latency_ms_greedy" in sv:
                 summary["ratios"][v]["latency_greedy"] = round(
                     sv["latency_ms_greedy"]["median"] / dense["latency_ms_greedy"]["median"], 4)
-    atomic_write_json(s.run.path / "profile" / ("summary.json" if full else "partial/summary.json"), summary)
+    if eval_set is not None:
+        out = s.run.path / "profile" / "sets" / eval_set.name / "summary.json"
+    else:
+        out = s.run.path / "profile" / ("summary.json" if full else "partial/summary.json")
+    atomic_write_json(out, summary)
     return summary
 
 

@@ -91,10 +91,10 @@ def stage_eval(s: Session, variants: list[str] | None = None, contexts: list[str
     return evaluate(s, variants or s.recipe.eval.variants, contexts, eval_set)
 
 
-def stage_profile(s: Session, variants: list[str] | None = None) -> dict[str, Any]:
+def stage_profile(s: Session, variants: list[str] | None = None, eval_set: EvalSet | None = None) -> dict[str, Any]:
     from prune_cli.engine.profile import profile
 
-    summary = profile(s, variants or s.recipe.profile.variants)
+    summary = profile(s, variants or s.recipe.profile.variants, eval_set)
     if summary["complete"]:
         plot_cost(summary, s.run.path / "plots" / "cost.png")
     return summary
