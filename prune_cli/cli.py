@@ -17,14 +17,19 @@ from prune_cli.commands.common import (
     DebugOpt,
     DeviceOpt,
     JsonOpt,
+    ManifestOpt,
     OverridesArg,
     QuietOpt,
     RecipeArg,
     RunDirOpt,
+    SetContextOpt,
+    SetNameOpt,
     SetOpt,
     VariantsOpt,
+    check_set_options,
     csv_list,
     emit,
+    extra_set,
     guarded,
     open_session,
     override_list,
@@ -93,9 +98,7 @@ def eval_(recipe: RecipeArg, variants: VariantsOpt = None,
           contexts: Annotated[Optional[str], typer.Option(help="Comma list of context keys, e.g. asr:de,st:de-en.")] = None,
           max_wer: Annotated[Optional[float], typer.Option(help="Exit 3 if any ASR context's WER is above this.")] = None,
           min_bleu: Annotated[Optional[float], typer.Option(help="Exit 3 if any scorable ST context's BLEU is below this.")] = None,
-          manifest: Annotated[Optional[Path], typer.Option(help="Score another test set (JSONL manifest or Kaldi dir) into eval/sets/NAME/.")] = None,
-          name: Annotated[Optional[str], typer.Option(help="That set's name (default: the manifest's stem).")] = None,
-          context: Annotated[Optional[str], typer.Option(help="Context of its utterances that name none, e.g. asr:de or st:de-en.")] = None,
+          manifest: ManifestOpt = None, name: SetNameOpt = None, context: SetContextOpt = None,
           overrides: OverridesArg = None, set_: SetOpt = None, run_dir: RunDirOpt = None, device: DeviceOpt = "auto",
           json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
     """Decode each context with each variant; WER/CER for ASR, BLEU/chrF for ST."""
@@ -104,11 +107,9 @@ def eval_(recipe: RecipeArg, variants: VariantsOpt = None,
         from prune_cli.engine.runner import run_stage
         from prune_cli.report import comparison_table, eval_table
 
-        if (name or context) and manifest is None:
-            raise UsageError("--name and --context go with --manifest")
+        check_set_options(manifest, name, context)
         s, _, _ = open_session(recipe, override_list(set_, overrides), run_dir, device)
-        extra = s.eval_set(manifest, name or (manifest.name if manifest.is_dir() else manifest.stem), context) if manifest else None
-        summary = run_stage(s, "eval", variants=variant_list(variants), contexts=csv_list(contexts), eval_set=extra)
+        summary = run_stage(s, "eval", variants=variant_list(variants), contexts=csv_list(contexts), eval_set=extra_set(s, manifest, name, context))
         emit(summary, json_out, lambda: print_tables(eval_table(summary), *([comparison_table(summary)] if summary.get("comparisons") else [])))
         fails = quality_gate(summary, max_wer if max_wer is not None else s.recipe.eval.max_wer,
                              min_bleu if min_bleu is not None else s.recipe.eval.min_bleu)
@@ -120,10 +121,7 @@ def eval_(recipe: RecipeArg, variants: VariantsOpt = None,
 
 @app.command()
 def profile(recipe: RecipeArg, variants: VariantsOpt = None,
-            manifest: Annotated[Optional[Path], typer.Option(help="Profile on another test set (JSONL manifest or Kaldi dir) into profile/sets/NAME/.")] = None,
-            name: Annotated[Optional[str], typer.Option(help="That set's name (default: the manifest's stem).")] = None,
-            context: Annotated[Optional[str], typer.Option(help="Context of its utterances that name none, e.g. asr:de.")] = None,
-            overrides: OverridesArg = None, set_: SetOpt = None,
+            manifest: ManifestOpt = None, name: SetNameOpt = None, context: SetContextOpt = None, overrides: OverridesArg = None, set_: SetOpt = None,
             run_dir: RunDirOpt = None, device: DeviceOpt = "auto", json_out: JsonOpt = False, quiet: QuietOpt = False,
             debug: DebugOpt = False) -> None:
     """FLOPs and latency of dense vs pruned variants under eval's decoding, greedy beside it (CUDA events / perf_counter)."""
@@ -131,11 +129,9 @@ def profile(recipe: RecipeArg, variants: VariantsOpt = None,
         from prune_cli.engine.runner import run_stage
         from prune_cli.report import profile_table
 
-        if (name or context) and manifest is None:
-            raise UsageError("--name and --context go with --manifest")
+        check_set_options(manifest, name, context)
         s, _, _ = open_session(recipe, override_list(set_, overrides), run_dir, device)
-        extra = s.eval_set(manifest, name or (manifest.name if manifest.is_dir() else manifest.stem), context) if manifest else None
-        summary = run_stage(s, "profile", variants=variant_list(variants), eval_set=extra)
+        summary = run_stage(s, "profile", variants=variant_list(variants), eval_set=extra_set(s, manifest, name, context))
         emit(summary, json_out, lambda: print_tables(profile_table(summary)))
 
 

@@ -54,6 +54,18 @@ def _tokenizer() -> WhisperTokenizer:
                             cfg["suppress_ids_begin"])
 
 
+def _transformers_model(model: WhisperModel) -> "transformers.WhisperForConditionalGeneration":
+    """transformers' own Whisper holding `model`'s weights."""
+    d, sd = model.dims, model.state_dict()
+    cfg = transformers.WhisperConfig(vocab_size=d.vocab, num_mel_bins=d.n_mels, d_model=d.d_model, encoder_layers=d.enc_layers,
+                                     decoder_layers=d.dec_layers, encoder_attention_heads=d.heads, decoder_attention_heads=d.heads,
+                                     encoder_ffn_dim=d.ffn_dim, decoder_ffn_dim=d.ffn_dim, max_source_positions=d.n_audio_ctx,
+                                     max_target_positions=d.max_len)
+    hf = transformers.WhisperForConditionalGeneration(cfg).eval()
+    hf.load_state_dict({name_map(d, "hf")[k]: v for k, v in sd.items()} | {"proj_out.weight": sd["decoder.embed.weight"]})
+    return hf
+
+
 def _whisper_prompt(tok: WhisperTokenizer, r: dict) -> list[int]:
     # Whisper translates only into English: ST into German is asked as transcription of the source.
     task = r["task"] if r["target_lang"] == "en" or r["task"] == "asr" else "asr"
@@ -81,14 +93,7 @@ def test_three_importers_give_identical_tensors(base, tmp_path):
     dims = base.dims
     sd = base.state_dict()
     # a transformers directory, written by transformers itself from these weights
-    cfg = transformers.WhisperConfig(vocab_size=dims.vocab, num_mel_bins=dims.n_mels, d_model=dims.d_model,
-                                     encoder_layers=dims.enc_layers, decoder_layers=dims.dec_layers,
-                                     encoder_attention_heads=dims.heads, decoder_attention_heads=dims.heads,
-                                     encoder_ffn_dim=dims.ffn_dim, decoder_ffn_dim=dims.ffn_dim,
-                                     max_source_positions=dims.n_audio_ctx, max_target_positions=dims.max_len)
-    hf = transformers.WhisperForConditionalGeneration(cfg)
-    hf.load_state_dict({name_map(dims, "hf")[k]: v for k, v in sd.items()} | {"proj_out.weight": sd["decoder.embed.weight"]})
-    hf.save_pretrained(tmp_path / "hf")
+    _transformers_model(base).save_pretrained(tmp_path / "hf")
     # an openai-whisper checkpoint, in openai-whisper's own model class
     whisper = pytest.importorskip("whisper", reason="openai-whisper is a test-only reference")
     odims = whisper.model.ModelDimensions(n_mels=dims.n_mels, n_audio_ctx=dims.n_audio_ctx, n_audio_state=dims.d_model,
@@ -110,14 +115,8 @@ def test_three_importers_give_identical_tensors(base, tmp_path):
 def test_greedy_transcripts_equal_transformers_and_ctranslate2(base, utts, tmp_path):
     ctranslate2 = pytest.importorskip("ctranslate2", reason="ctranslate2 is a test-only reference")
     tok = _tokenizer()
-    dims, sd = base.dims, base.state_dict()
-    cfg = transformers.WhisperConfig(vocab_size=dims.vocab, num_mel_bins=dims.n_mels, d_model=dims.d_model,
-                                     encoder_layers=dims.enc_layers, decoder_layers=dims.dec_layers,
-                                     encoder_attention_heads=dims.heads, decoder_attention_heads=dims.heads,
-                                     encoder_ffn_dim=dims.ffn_dim, decoder_ffn_dim=dims.ffn_dim,
-                                     max_source_positions=dims.n_audio_ctx, max_target_positions=dims.max_len)
-    hf = transformers.WhisperForConditionalGeneration(cfg).eval()
-    hf.load_state_dict({name_map(dims, "hf")[k]: v for k, v in sd.items()} | {"proj_out.weight": sd["decoder.embed.weight"]})
+    dims = base.dims
+    hf = _transformers_model(base)
     gen = transformers.GenerationConfig(decoder_start_token_id=tok.sot, eos_token_id=tok.eot, pad_token_id=tok.eot,
                                         max_new_tokens=64, suppress_tokens=tok.suppress, begin_suppress_tokens=tok.suppress_begin,
                                         do_sample=False, num_beams=1)

@@ -26,6 +26,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 VariantsOpt = Annotated[Optional[str], typer.Option(help="Comma list of variants (default: the recipe's).")]
+ManifestOpt = Annotated[Optional[Path], typer.Option(help="Another test set (JSONL manifest or Kaldi dir), into <stage>/sets/NAME/.")]
+SetNameOpt = Annotated[Optional[str], typer.Option(help="That set's name (default: the manifest's stem).")]
+SetContextOpt = Annotated[Optional[str], typer.Option(help="Context of its utterances that name none, e.g. asr:de or st:de-en.")]
 
 
 @contextmanager
@@ -95,6 +98,18 @@ def open_session(recipe: str, sets: list[str], run_dir: str | None, device: str)
     run = RunDir(Path(run_dir) if run_dir else Path("runs") / r.name, r)
     run.open(str(dev))
     return Session(r, run, dev), path, raw
+
+
+def check_set_options(manifest: Path | None, name: str | None, context: str | None) -> None:
+    if (name or context) and manifest is None:
+        raise UsageError("--name and --context go with --manifest")
+
+
+def extra_set(s: Any, manifest: Path | None, name: str | None, context: str | None) -> Any:
+    """The test set named by --manifest/--name/--context (None without --manifest)."""
+    if manifest is None:
+        return None
+    return s.eval_set(manifest, name or (manifest.name if manifest.is_dir() else manifest.stem), context)
 
 
 def print_tables(*tables: Any) -> None:

@@ -22,6 +22,8 @@ def special_tokens(vocab: ContextVocab) -> list[str]:
 
 class Tokenizer:
     eos = EOS
+    suppress: list[int] = []  # never decoded (Whisper's tokenizer has lists; ours suppresses nothing)
+    suppress_begin: list[int] = []
 
     def __init__(self, kind: str, pieces: list[str], vocab: ContextVocab, sp_model: bytes | None = None):
         self.kind = kind

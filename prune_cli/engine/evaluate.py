@@ -55,8 +55,7 @@ def scored_options(cfg: EvalConfig, tok: Tokenizer) -> DecodeOptions:
 
 def token_rules(tok: Tokenizer) -> dict:
     """End of text and the tokens never decoded (Whisper's suppression lists; none for our own tokenizer)."""
-    return {"eos": tok.eos, "suppress": tuple(getattr(tok, "suppress", ())),
-            "suppress_begin": tuple(getattr(tok, "suppress_begin", ()))}
+    return {"eos": tok.eos, "suppress": tuple(tok.suppress), "suppress_begin": tuple(tok.suppress_begin)}
 
 
 def options_for_task(opts: DecodeOptions, task: str) -> DecodeOptions:
@@ -83,6 +82,11 @@ class EvalSet:
     split: Split
     fingerprint: str
     defaulted: int = 0  # utterances whose context came from --context / data.defaults, not from the data
+
+    def record(self, utterances: dict[str, int]) -> dict[str, Any]:
+        """What a summary says of the set it measured: `utterances` per context."""
+        return {"name": self.name, "manifest": str(self.path), "fingerprint": self.fingerprint,
+                "utterances": dict(sorted(utterances.items())), "context_defaulted": self.defaulted}
 
 
 def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None = None,
@@ -114,9 +118,7 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     summary: dict[str, Any] = {"variants": {}, "signatures": {}, "normalization": norm,
                                "split": cfg.split if eval_set is None else None, "decoding": vars(opts), "complete": full}
     if eval_set is not None:
-        summary["set"] = {"name": eval_set.name, "manifest": str(eval_set.path), "fingerprint": eval_set.fingerprint,
-                          "utterances": dict(sorted(Counter(u.context for u in split.utts).items())),
-                          "context_defaulted": eval_set.defaulted, "skipped": split.skipped}
+        summary["set"] = {**eval_set.record(Counter(u.context for u in split.utts)), "skipped": split.skipped}
     if fallbacks:
         summary["fallbacks"] = fallbacks
     outputs: dict[Path, str] = {}

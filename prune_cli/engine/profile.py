@@ -154,8 +154,7 @@ def profile(s: Session, variants: Sequence[str], eval_set: "EvalSet | None" = No
                                "decoding": {k: vars(o) for k, o in decodings.items()},
                                "decoding_label": _label(scored), "variants": {}, "ratios": {}, "contexts": contexts}
     if eval_set is not None:
-        summary["set"] = {"name": eval_set.name, "manifest": str(eval_set.path), "fingerprint": eval_set.fingerprint,
-                          "utterances": {c: len(g) for c, g in groups.items()}, "context_defaulted": eval_set.defaulted}
+        summary["set"] = eval_set.record({c: len(g) for c, g in groups.items()})
     if fallbacks:
         summary["fallbacks"] = fallbacks
     with progress("profile flops", total=len(variants)) as bar:

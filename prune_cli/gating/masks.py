@@ -13,7 +13,7 @@ from typing import Any
 
 from prune_cli.atomic import atomic_write_json
 from prune_cli.errors import CheckpointError
-from prune_cli.model.s2t import PrunableModule
+from prune_cli.model.gated import PrunableModule
 from prune_cli.variants import CONTEXT
 
 FORMAT = 1

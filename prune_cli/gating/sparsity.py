@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from prune_cli.gating.predictor import deterministic_gates
-from prune_cli.model.s2t import PrunableModule
+from prune_cli.model.gated import PrunableModule
 
 SCOPES = ("encoder", "decoder")
 

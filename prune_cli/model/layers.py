@@ -8,6 +8,7 @@ took a quarter of a training step.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,15 +16,18 @@ from torch import nn
 
 
 class FeedForward(nn.Module):
-    def __init__(self, d: int, hidden: int, dropout: float):
+    """Pre-LN feed-forward block: SiLU in the E-Branchformer, GELU in Whisper."""
+
+    def __init__(self, d: int, hidden: int, dropout: float, activation: Callable[[torch.Tensor], torch.Tensor] = F.silu):
         super().__init__()
         self.norm = nn.LayerNorm(d)
         self.w1 = nn.Linear(d, hidden)
         self.w2 = nn.Linear(hidden, d)
         self.dropout = dropout
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(self.w2(F.silu(self.w1(self.norm(x)))), self.dropout, self.training)
+        return F.dropout(self.w2(self.activation(self.w1(self.norm(x)))), self.dropout, self.training)
 
 
 class MultiHeadAttention(nn.Module):

@@ -1,10 +1,7 @@
 """OWSM-style speech-to-text model: conv subsampling, E-Branchformer encoder, Transformer decoder, CTC head.
 
-Every prunable module is a residual branch with a stable name (`encoder.3.cgmlp`, `decoder.1.src_attn`).
-A module's gate is one of:
-  None      -> skipped: not executed, the residual passes through (the inference path);
-  1.0       -> executed as usual;
-  a tensor  -> executed and scaled per sample, y = x + g * f(x) (gate training, and the reference for skipping).
+Every prunable module is a residual branch with a stable name (`encoder.3.cgmlp`, `decoder.1.src_attn`), gated as
+model/gated.py describes.
 In the encoder, attention and cgMLP are gated as two modules; their merge computes only the halves that ran.
 Unlike ESPnet's E-Branchformer, layers have no final LayerNorm of their own: every branch is pre-LN and one norm
 closes the stack. A per-layer norm on the residual stream slowed convergence several-fold in our CPU budget
@@ -14,18 +11,16 @@ also make a skipped layer not an identity.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
-from typing import Sequence, Union
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prune_cli.model.gated import Gate, GatedModel, removed_kinds, scaled
 from prune_cli.model.layers import BranchMerge, Conv2dSubsampling, ConvGatedMLP, FeedForward, MultiHeadAttention, sinusoid
 
-Gate = Union[None, float, torch.Tensor]
 ENC_KINDS = ("ffn1", "attn", "cgmlp", "ffn2")
 DEC_KINDS = ("self_attn", "src_attn", "ffn")
 
@@ -49,24 +44,6 @@ class ModelDims:
     max_len: int
 
 
-@dataclass(frozen=True)
-class PrunableModule:
-    name: str  # encoder.3.cgmlp
-    part: str  # encoder | decoder
-    layer: int
-    kind: str  # ffn1 | attn | cgmlp | ffn2 | self_attn | src_attn | ffn
-
-
-def prunable_modules(dims: ModelDims) -> list[PrunableModule]:
-    mods = [PrunableModule(f"encoder.{i}.{k}", "encoder", i, k) for i in range(dims.enc_layers) for k in ENC_KINDS]
-    mods += [PrunableModule(f"decoder.{i}.{k}", "decoder", i, k) for i in range(dims.dec_layers) for k in DEC_KINDS]
-    return mods
-
-
-def _scaled(y: torch.Tensor, g: Gate) -> torch.Tensor:
-    return y if isinstance(g, float) else y * g
-
-
 class EBranchformerLayer(nn.Module):
     def __init__(self, dims: ModelDims, removed: set[str]):
         super().__init__()
@@ -79,13 +56,13 @@ class EBranchformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor, attn_mask: torch.Tensor, g: Sequence[Gate]) -> torch.Tensor:
         if g[0] is not None:
-            x = x + 0.5 * _scaled(self.ffn1(x), g[0])
-        a = _scaled(self.attn(x, mask=attn_mask), g[1]) if g[1] is not None else None
-        c = _scaled(self.cgmlp(x, pad), g[2]) if g[2] is not None else None
+            x = x + 0.5 * scaled(self.ffn1(x), g[0])
+        a = scaled(self.attn(x, mask=attn_mask), g[1]) if g[1] is not None else None
+        c = scaled(self.cgmlp(x, pad), g[2]) if g[2] is not None else None
         if a is not None or c is not None:
             x = x + self.merge(a, c)
         if g[3] is not None:
-            x = x + 0.5 * _scaled(self.ffn2(x), g[3])
+            x = x + 0.5 * scaled(self.ffn2(x), g[3])
         return x
 
 
@@ -102,11 +79,11 @@ class DecoderLayer(nn.Module):
         cache: dict[str, torch.Tensor] | None, idx: int,
     ) -> torch.Tensor:
         if g[0] is not None:
-            x = x + _scaled(self.self_attn(x, causal=True, kv_cache=cache, key=f"{idx}.self"), g[0])
+            x = x + scaled(self.self_attn(x, causal=True, kv_cache=cache, key=f"{idx}.self"), g[0])
         if g[1] is not None:
-            x = x + _scaled(self.src_attn(x, mem=mem, mask=mem_mask, kv_cache=cache, key=f"{idx}.src"), g[1])
+            x = x + scaled(self.src_attn(x, mem=mem, mask=mem_mask, kv_cache=cache, key=f"{idx}.src"), g[1])
         if g[2] is not None:
-            x = x + _scaled(self.ffn(x), g[2])
+            x = x + scaled(self.ffn(x), g[2])
         return x
 
 
@@ -116,7 +93,7 @@ class Encoder(nn.Module):
         self.frontend = Conv2dSubsampling(dims.n_mels, dims.frontend_channels, dims.d_model)
         self.register_buffer("pe", sinusoid(MAX_ENCODER_POSITIONS, dims.d_model), persistent=False)
         self.layers = nn.ModuleList(
-            EBranchformerLayer(dims, {n.split(".")[2] for n in removed if n.startswith(f"encoder.{i}.")})
+            EBranchformerLayer(dims, removed_kinds(removed, "encoder", i))
             for i in range(dims.enc_layers)
         )
         self.norm = nn.LayerNorm(dims.d_model)
@@ -139,7 +116,7 @@ class Decoder(nn.Module):
         nn.init.normal_(self.embed.weight, std=dims.d_model**-0.5)  # tied output: keep initial logits O(1)
         self.pos = nn.Parameter(torch.randn(dims.max_len, dims.d_model) * 0.02)
         self.layers = nn.ModuleList(
-            DecoderLayer(dims, {n.split(".")[2] for n in removed if n.startswith(f"decoder.{i}.")})
+            DecoderLayer(dims, removed_kinds(removed, "decoder", i))
             for i in range(dims.dec_layers)
         )
         self.norm = nn.LayerNorm(dims.d_model)
@@ -156,68 +133,21 @@ class Decoder(nn.Module):
         return self.norm(x) @ self.embed.weight.T  # tied output projection
 
 
-class SpeechModel(nn.Module):
+class SpeechModel(GatedModel):
     family = "ebranchformer"
+    enc_kinds = ENC_KINDS
+    dec_kinds = DEC_KINDS
 
     def __init__(self, dims: ModelDims, removed: Sequence[str] = ()):
-        super().__init__()
-        self.dims = dims
-        self.removed = frozenset(removed)
-        self.modules_list = prunable_modules(dims)
-        self.index = {m.name: i for i, m in enumerate(self.modules_list)}
-        unknown = self.removed - set(self.index)
-        if unknown:
-            raise ValueError(f"unknown modules to remove: {sorted(unknown)}")
+        super().__init__(dims, removed)
         self.encoder = Encoder(dims, set(self.removed))
         self.decoder = Decoder(dims, set(self.removed))
         self.ctc = nn.Linear(dims.d_model, dims.vocab)
 
-    # ---- gates
-    @property
-    def n_modules(self) -> int:
-        return len(self.modules_list)
-
-    def layer_gates(self, keep: Sequence[bool] | None = None, scale: torch.Tensor | None = None):
-        """Per-layer gate lists for encoder and decoder, from a keep pattern and/or per-sample scales (B, M)."""
-        gates: list[Gate] = []
-        for i, m in enumerate(self.modules_list):
-            if m.name in self.removed or (keep is not None and not keep[i]):
-                gates.append(None)
-            elif scale is not None:
-                gates.append(scale[:, i].view(-1, 1, 1))
-            else:
-                gates.append(1.0)
-        ne = self.dims.enc_layers * len(ENC_KINDS)
-        enc = [gates[i : i + 4] for i in range(0, ne, 4)]
-        dec = [gates[ne + i : ne + i + 3] for i in range(0, len(gates) - ne, 3)]
-        return enc, dec
-
-    # ---- forward passes
-    def encode(self, feats, lens, keep=None, scale=None):
-        enc_g, _ = self.layer_gates(keep, scale)
-        return self.encoder(feats, lens, enc_g)
-
-    def decode_logits(self, tokens, mem, mem_mask, keep=None, scale=None, cache=None, offset=0):
-        _, dec_g = self.layer_gates(keep, scale)
-        return self.decoder(tokens, mem, mem_mask, dec_g, cache, offset)
-
-    def forward(self, feats, lens, dec_in, keep=None, scale=None):
+    def forward(self, feats, lens, dec_in, keep=None, scale=None):  # noqa: ANN001
         mem, mem_lens, mem_mask = self.encode(feats, lens, keep, scale)
         logits = self.decode_logits(dec_in, mem, mem_mask, keep, scale)
         return logits, self.ctc(mem), mem_lens
-
-    # ---- identity
-    def arch_hash(self) -> str:
-        """Identifies the full (unmaterialized) architecture; mask files carry it."""
-        blob = json.dumps({"dims": asdict(self.dims), "modules": [m.name for m in self.modules_list]}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def weights_hash(self) -> str:
-        h = hashlib.sha256()
-        for k, v in sorted(self.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
 
 
 def max_input_frames() -> int:

@@ -12,17 +12,15 @@ so an utterance gets the same encoding alone or in a batch.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prune_cli.model.layers import MultiHeadAttention
-from prune_cli.model.s2t import Gate, PrunableModule, _scaled
+from prune_cli.model.gated import Gate, GatedModel, removed_kinds, scaled
+from prune_cli.model.layers import FeedForward, MultiHeadAttention
 
 ENC_KINDS = ("attn", "ffn")
 DEC_KINDS = ("self_attn", "src_attn", "ffn")
@@ -45,12 +43,6 @@ class WhisperDims:
         return 4 * self.d_model
 
 
-def whisper_modules(dims: WhisperDims) -> list[PrunableModule]:
-    mods = [PrunableModule(f"encoder.{i}.{k}", "encoder", i, k) for i in range(dims.enc_layers) for k in ENC_KINDS]
-    mods += [PrunableModule(f"decoder.{i}.{k}", "decoder", i, k) for i in range(dims.dec_layers) for k in DEC_KINDS]
-    return mods
-
-
 class Attention(MultiHeadAttention):
     """Whisper's attention: its key projection has no bias."""
 
@@ -59,30 +51,18 @@ class Attention(MultiHeadAttention):
         self.k = nn.Linear(d, d, bias=False)
 
 
-class MLP(nn.Module):
-    def __init__(self, d: int, hidden: int, dropout: float):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.w1 = nn.Linear(d, hidden)
-        self.w2 = nn.Linear(hidden, d)
-        self.dropout = dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(self.w2(F.gelu(self.w1(self.norm(x)))), self.dropout, self.training)
-
-
 class EncoderLayer(nn.Module):
     def __init__(self, dims: WhisperDims, removed: set[str]):
         super().__init__()
         d, p = dims.d_model, dims.dropout
         self.attn = None if "attn" in removed else Attention(d, dims.heads, p)
-        self.ffn = None if "ffn" in removed else MLP(d, dims.ffn_dim, p)
+        self.ffn = None if "ffn" in removed else FeedForward(d, dims.ffn_dim, p, F.gelu)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, g: Sequence[Gate]) -> torch.Tensor:
         if g[0] is not None:
-            x = x + _scaled(self.attn(x, mask=mask), g[0])
+            x = x + scaled(self.attn(x, mask=mask), g[0])
         if g[1] is not None:
-            x = x + _scaled(self.ffn(x), g[1])
+            x = x + scaled(self.ffn(x), g[1])
         return x
 
 
@@ -92,20 +72,16 @@ class DecoderLayer(nn.Module):
         d, p = dims.d_model, dims.dropout
         self.self_attn = None if "self_attn" in removed else Attention(d, dims.heads, p)
         self.src_attn = None if "src_attn" in removed else Attention(d, dims.heads, p, cross=True)
-        self.ffn = None if "ffn" in removed else MLP(d, dims.ffn_dim, p)
+        self.ffn = None if "ffn" in removed else FeedForward(d, dims.ffn_dim, p, F.gelu)
 
     def forward(self, x, mem, mem_mask, g: Sequence[Gate], cache, idx: int) -> torch.Tensor:  # noqa: ANN001
         if g[0] is not None:
-            x = x + _scaled(self.self_attn(x, causal=True, kv_cache=cache, key=f"{idx}.self"), g[0])
+            x = x + scaled(self.self_attn(x, causal=True, kv_cache=cache, key=f"{idx}.self"), g[0])
         if g[1] is not None:
-            x = x + _scaled(self.src_attn(x, mem=mem, mask=mem_mask, kv_cache=cache, key=f"{idx}.src"), g[1])
+            x = x + scaled(self.src_attn(x, mem=mem, mask=mem_mask, kv_cache=cache, key=f"{idx}.src"), g[1])
         if g[2] is not None:
-            x = x + _scaled(self.ffn(x), g[2])
+            x = x + scaled(self.ffn(x), g[2])
         return x
-
-
-def _removed_kinds(removed: frozenset[str], part: str, i: int) -> set[str]:
-    return {n.split(".")[2] for n in removed if n.startswith(f"{part}.{i}.")}
 
 
 class Encoder(nn.Module):
@@ -114,7 +90,7 @@ class Encoder(nn.Module):
         self.conv1 = nn.Conv1d(dims.n_mels, dims.d_model, 3, padding=1)
         self.conv2 = nn.Conv1d(dims.d_model, dims.d_model, 3, stride=2, padding=1)
         self.register_buffer("pe", torch.zeros(dims.n_audio_ctx, dims.d_model))  # loaded with the weights
-        self.layers = nn.ModuleList(EncoderLayer(dims, _removed_kinds(removed, "encoder", i)) for i in range(dims.enc_layers))
+        self.layers = nn.ModuleList(EncoderLayer(dims, removed_kinds(removed, "encoder", i)) for i in range(dims.enc_layers))
         self.norm = nn.LayerNorm(dims.d_model)
         self.dropout = dims.dropout
 
@@ -155,7 +131,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(dims.vocab, dims.d_model)
         self.pos = nn.Parameter(torch.zeros(dims.max_len, dims.d_model))
-        self.layers = nn.ModuleList(DecoderLayer(dims, _removed_kinds(removed, "decoder", i)) for i in range(dims.dec_layers))
+        self.layers = nn.ModuleList(DecoderLayer(dims, removed_kinds(removed, "decoder", i)) for i in range(dims.dec_layers))
         self.norm = nn.LayerNorm(dims.d_model)
         self.dropout = dims.dropout
 
@@ -167,61 +143,22 @@ class Decoder(nn.Module):
         return self.norm(x) @ self.embed.weight.T  # tied output projection
 
 
-class WhisperModel(nn.Module):
+class WhisperModel(GatedModel):
     family = "whisper"
+    enc_kinds = ENC_KINDS
+    dec_kinds = DEC_KINDS
     ctc = None  # Whisper has no CTC head
 
     def __init__(self, dims: WhisperDims, removed: Sequence[str] = (), padded_input: bool = True):
-        super().__init__()
-        self.dims = dims
+        super().__init__(dims, removed)
         self.padded_input = padded_input  # a run-time choice (model.whisper_input), not part of the weights
-        self.removed = frozenset(removed)
-        self.modules_list = whisper_modules(dims)
-        self.index = {m.name: i for i, m in enumerate(self.modules_list)}
-        unknown = self.removed - set(self.index)
-        if unknown:
-            raise ValueError(f"unknown modules to remove: {sorted(unknown)}")
         self.encoder = Encoder(dims, self.removed)
         self.decoder = Decoder(dims, self.removed)
-
-    @property
-    def n_modules(self) -> int:
-        return len(self.modules_list)
-
-    def layer_gates(self, keep: Sequence[bool] | None = None, scale: torch.Tensor | None = None):
-        gates: list[Gate] = []
-        for i, m in enumerate(self.modules_list):
-            if m.name in self.removed or (keep is not None and not keep[i]):
-                gates.append(None)
-            elif scale is not None:
-                gates.append(scale[:, i].view(-1, 1, 1))
-            else:
-                gates.append(1.0)
-        ne, nk = self.dims.enc_layers * len(ENC_KINDS), len(ENC_KINDS)
-        enc = [gates[i : i + nk] for i in range(0, ne, nk)]
-        dec = [gates[ne + i : ne + i + 3] for i in range(0, len(gates) - ne, 3)]
-        return enc, dec
 
     def encode(self, feats, lens, keep=None, scale=None):  # noqa: ANN001
         enc_g, _ = self.layer_gates(keep, scale)
         return self.encoder(feats, lens, enc_g, self.padded_input)
 
-    def decode_logits(self, tokens, mem, mem_mask, keep=None, scale=None, cache=None, offset=0):  # noqa: ANN001
-        _, dec_g = self.layer_gates(keep, scale)
-        return self.decoder(tokens, mem, mem_mask, dec_g, cache, offset)
-
     def forward(self, feats, lens, dec_in, keep=None, scale=None):  # noqa: ANN001
         mem, mem_lens, mem_mask = self.encode(feats, lens, keep, scale)
         return self.decode_logits(dec_in, mem, mem_mask, keep, scale), None, mem_lens
-
-    def arch_hash(self) -> str:
-        blob = json.dumps({"family": self.family, "dims": asdict(self.dims), "modules": [m.name for m in self.modules_list]},
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def weights_hash(self) -> str:
-        h = hashlib.sha256()
-        for k, v in sorted(self.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]

