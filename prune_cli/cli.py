@@ -147,7 +147,7 @@ def run(recipe: RecipeArg,
     with guarded(debug, json_out, quiet):
         from prune_cli.engine.reproduce import check_messages, check_report
         from prune_cli.engine.runner import parse_sweep, run_pipeline
-        from prune_cli.report import headline_table
+        from prune_cli.report import headline_table, robustness_table
         from prune_cli.runs import STAGES
 
         names = [*STAGES, "sweep"]
@@ -167,7 +167,7 @@ def run(recipe: RecipeArg,
 
         def render() -> None:
             if (s.run.path / "eval" / "summary.json").is_file():
-                print_tables(headline_table(s.run.path))
+                print_tables(headline_table(s.run.path), *filter(None, [robustness_table(s.run.path)]))
             print(f"run complete: {s.run.path}" + (f" (report: {result['report']})" if "report" in result else ""))
 
         emit(out, json_out, render)

@@ -99,7 +99,7 @@ class SparsityTarget:
 
 @dataclass
 class GatesConfig:
-    inputs: list[Literal["task", "source_lang", "target_lang", "pooled_features", "speaker"]] = field(
+    inputs: list[Literal["task", "source_lang", "target_lang", "pooled_features", "speaker", "condition"]] = field(
         default_factory=lambda: ["task", "source_lang", "target_lang"]
     )
     embed_dim: int = 32
@@ -197,6 +197,20 @@ class EvalConfig:
     bootstrap: int = 1000
     # A test context prune made no mask for: `error`, or serve it with the `static` mask or the `nearest` trained one.
     unseen_contexts: Literal[("error", STATIC.name, "nearest")] = "error"  # type: ignore[valid-type]
+    # More test sets the eval stage scores, each into eval/sets/<name>/: a synth test set's name (its manifest in
+    # data.manifest_dir), or a JSONL manifest / Kaldi dir path (named by its file or folder name).
+    sets: list[str] = field(default_factory=list)
+
+    def set_paths(self, manifest_dir: str) -> list[tuple[str, Path]]:
+        """(name, path) of each entry of `sets`."""
+        out = []
+        for entry in self.sets:
+            path = Path(entry)
+            if len(path.parts) == 1 and path.suffix != ".jsonl":
+                out.append((entry, Path(manifest_dir) / f"{entry}.jsonl"))
+            else:
+                out.append((path.name if path.is_dir() or not path.suffix else path.stem, path))
+        return out
 
 
 @dataclass
@@ -472,8 +486,13 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, errors: list[str]) -> An
 def _semantic_checks(r: Recipe) -> list[str]:
     errs: list[str] = []
     errs += _synth_problems(r.data.synth)
+    set_names = [name for name, _ in r.eval.set_paths(r.data.manifest_dir)]
+    errs += [f"eval.sets: two sets named {n!r} (their folders under eval/sets/ would collide)"
+             for n in sorted({n for n in set_names if set_names.count(n) > 1})]
+    errs += [f"eval.sets: {n!r} is not a plain name (letters, digits, '.', '_', '-')" for n in set_names if not is_plain_name(n)]
     d = r.data.defaults
-    errs += [f"data.defaults: {p}" for p in (task_problem(d.task), language_problem(d.source_lang),
+    errs += [f"data.defaults: {p}" for p in (task_problem(d.task) if d.task else None,
+                                             language_problem(d.source_lang) if d.source_lang else None,
                                              language_problem(d.target_lang) if d.target_lang else None) if p]
     for sec, key in (("encoder", r.gates.target.encoder), ("decoder", r.gates.target.decoder)):
         if not 0.0 <= key < 1.0:
@@ -578,6 +597,58 @@ def _synth_problems(cfg: SynthConfig) -> list[str]:
             errs.append(f"data.synth.forms: num2words has no {form} numbers in {lang!r}")
     if cfg.max_number < 10:
         errs.append("data.synth.max_number: must be >= 10")
+    return errs + _variation_problems(cfg)
+
+
+def _variation_problems(cfg: SynthConfig) -> list[str]:
+    """Held-out voices, training augmentation and robustness test sets."""
+    from prune_cli.data.synth import NOISES, VOICE_VARIANTS, voice_variants
+
+    errs: list[str] = []
+    known = voice_variants()
+    errs += [f"data.synth.heldout_voices: eSpeak NG has no voice variant {v!r}" for v in cfg.heldout_voices if v not in known]
+    errs += [f"data.synth.heldout_voices: {v!r} is one of the clean splits' voices (the first voices_per_lang of "
+             f"{', '.join(VOICE_VARIANTS)})" for v in cfg.heldout_voices if v in VOICE_VARIANTS[: cfg.voices_per_lang]]
+
+    def check_range(key: str, pair: list, lo: float, hi: float) -> None:
+        if len(pair) != 2 or not lo <= pair[0] <= pair[1] <= hi:
+            errs.append(f"data.synth.{key}: expected [low, high] within [{lo}, {hi}], got {pair}")
+
+    def check_noises(key: str, noises: list[str]) -> None:
+        if not noises:
+            errs.append(f"data.synth.{key}: at least one of {', '.join(NOISES)}")
+        errs.extend(f"data.synth.{key}: unknown noise {n!r} ({', '.join(NOISES)})" for n in noises if n not in NOISES)
+
+    check_range("rate_range", cfg.rate_range, 80, 450)
+    check_range("pitch_range", cfg.pitch_range, 0, 99)
+    if cfg.augment is not None:
+        a = cfg.augment
+        for key in ("clean_share", "noise_share", "reverb_share"):
+            if not 0.0 <= getattr(a, key) <= 1.0:
+                errs.append(f"data.synth.augment.{key}: a share in [0, 1], got {getattr(a, key)}")
+        check_range("augment.rate_range", a.rate_range, 80, 450)
+        check_range("augment.pitch_range", a.pitch_range, 0, 99)
+        check_range("augment.snr_range", a.snr_range, -10, 60)
+        check_range("augment.rt60_range", a.rt60_range, 0.05, 3.0)
+        check_noises("augment.noises", a.noises)
+        if a.babble_talkers < 1:
+            errs.append(f"data.synth.augment.babble_talkers: at least 1, got {a.babble_talkers}")
+    names = [ts.name for ts in cfg.test_sets]
+    for i, ts in enumerate(cfg.test_sets):
+        key = f"test_sets[{i}]"
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_]*", ts.name) or ts.name in ("train", "dev", "test"):
+            errs.append(f"data.synth.{key}.name: lowercase letters, digits and _, not train/dev/test; got {ts.name!r}")
+        elif names.count(ts.name) > 1:
+            errs.append(f"data.synth.{key}.name: {ts.name!r} is used twice")
+        if ts.per_context < 1:
+            errs.append(f"data.synth.{key}.per_context: at least 1, got {ts.per_context}")
+        if ts.voices == "heldout" and not cfg.heldout_voices:
+            errs.append(f"data.synth.{key}.voices: heldout, but data.synth.heldout_voices is empty")
+        check_noises(f"{key}.noises", ts.noises)
+        if ts.rate_range is not None:
+            check_range(f"{key}.rate_range", ts.rate_range, 80, 450)
+        if ts.pitch_range is not None:
+            check_range(f"{key}.pitch_range", ts.pitch_range, 0, 99)
     return errs
 
 

@@ -44,7 +44,7 @@ def test_synthesis_is_deterministic_and_covers_every_context(tmp_path: Path) -> 
     contexts = set()
     numbers: dict[str, set] = {}
     for split in ("train", "dev", "test"):
-        utts, problems = read_jsonl(tmp_path / "m0" / f"{split}.jsonl", ContextDefaults())
+        utts, problems = read_jsonl(tmp_path / "m0" / f"{split}.jsonl", ContextDefaults("asr", "en"))
         assert not problems
         for u in utts:
             contexts.add(u.context)
@@ -126,7 +126,7 @@ def test_data_check_finds_planted_errors_with_line_numbers(tmp_path: Path, smoke
     lines[5] = json.dumps({**good[5], "task": "Sum up!"})  # line 6: any task label is fine, but not this form
     m = tmp_path / "bad.jsonl"
     m.write_text("\n".join(lines) + "\n")
-    n, problems, *_ = check_manifest(m, 16000, 0.05, ContextDefaults())
+    n, problems, *_ = check_manifest(m, 16000, 0.05, ContextDefaults("asr", "en"))
     by_line = {int(p.split(":")[1]) for p in problems}
     assert by_line == {2, 3, 4, 5, 6}, problems
     assert any(":2: audio file not found" in p for p in problems)
@@ -147,7 +147,7 @@ def test_wrong_sample_rate_is_reported(tmp_path: Path) -> None:
     sf.write(wav, torch.zeros(8000).numpy(), 8000)
     m = tmp_path / "m.jsonl"
     m.write_text(json.dumps({"audio_filepath": "a.wav", "duration": 1.0, "text": "one"}) + "\n")
-    _, problems, *_ = check_manifest(m, 16000, 0.05, ContextDefaults())
+    _, problems, *_ = check_manifest(m, 16000, 0.05, ContextDefaults("asr", "en"))
     assert problems == [f"{m}:1: sample rate 8000 Hz, expected 16000 Hz (it would be resampled)"]
 
 
@@ -171,13 +171,13 @@ def test_kaldi_dir_reader(tmp_path: Path) -> None:
     (d / "utt2task").write_text("u1 asr\nu2 st\n")
     (d / "utt2tgtlang").write_text("u2 en\n")
     (d / "text.src").write_text("u2 vingt et un\n")
-    utts, problems = read_kaldi_dir(d, ContextDefaults())
+    utts, problems = read_kaldi_dir(d, ContextDefaults("asr", "en"))
     assert not problems
     assert [(u.utt_id, u.context, u.speaker, u.text) for u in utts] == [
         ("u1", "asr:fr", "spkA", "vingt et un"), ("u2", "st:fr-en", "spkB", "twenty-one")]
     assert utts[1].source_text == "vingt et un"
     (d / "text").write_text("u1 vingt et un\n")
-    _, problems = read_kaldi_dir(d, ContextDefaults())
+    _, problems = read_kaldi_dir(d, ContextDefaults("asr", "en"))
     assert problems == [f"{d / 'wav.scp'}:2: utterance u2 has no entry in text"]
 
 
@@ -235,3 +235,18 @@ def test_bad_audio_stops_or_is_skipped(tmp_path: Path, smoke_corpus: list[str]) 
     recipe, _ = load_recipe("ci_smoke", [f"data.manifest_dir={d}", "data.on_error=skip"])
     split = load_split(split_spec(recipe, "dev"))
     assert len(split) == 3 and split.skipped == 1
+
+
+def test_utterances_without_a_context_are_one_error_unless_one_is_given(tmp_path: Path) -> None:
+    sf.write(tmp_path / "x.wav", torch.zeros(1600).numpy(), 16000)
+    m = tmp_path / "plain.jsonl"
+    m.write_text("".join(json.dumps({"audio_filepath": "x.wav", "text": f"t{i}", "utt_id": f"u{i}"}) + "\n" for i in range(3))
+                 + json.dumps({"audio_filepath": "x.wav", "text": "t", "task": "asr", "source_lang": "de", "utt_id": "ok"}) + "\n")
+    utts, problems = read_jsonl(m, ContextDefaults())
+    assert [u.utt_id for u in utts] == ["ok"]
+    assert problems == [f"{m}: 3 utterance(s) name no task or source language (first: {m}:1); give the context: "
+                        "--context TASK:LANG (e.g. asr:de, st:de-en), the recipe's data.defaults, or utt2task/utt2lang "
+                        "in a Kaldi dir"]
+    utts, problems = read_jsonl(m, ContextDefaults("asr", "fr"))
+    assert not problems and [u.context for u in utts] == ["asr:fr"] * 3 + ["asr:de"]
+    assert [u.context_defaulted for u in utts] == [True] * 3 + [False]

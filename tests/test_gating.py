@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,24 +11,26 @@ import torch
 from prune_cli.contexts import ContextVocab
 from prune_cli.errors import CheckpointError
 from prune_cli.gating.masks import MaskFile, layerdrop_mask, random_mask
-from prune_cli.gating.predictor import ContextInputs, GatePredictor, deterministic_gates, gumbel_straight_through, tau_at
+from prune_cli.gating.predictor import ContextInputs, GatePredictor, LabelVocab, deterministic_gates, gumbel_straight_through, tau_at
 from prune_cli.gating.sparsity import SparsitySpec
 from prune_cli.model.s2t import ModelDims, SpeechModel
 
 DIMS = ModelDims(80, 40, 32, 4, 3, 4, 64, 64, 5, 3, 8, 0.0, 32)
 VOCAB = ContextVocab(("asr", "st"), ("en", "de", "fr", "es", "it"))
+LABELS = LabelVocab(("s1", "s2"), ("clean", "snr10"))
 
 
 def ctx_batch(b: int = 4) -> ContextInputs:
     feats = torch.randn(b, 50, 80)
     lens = torch.full((b,), 50)
     return ContextInputs.build(["asr", "st", "asr", "st"][:b], ["de", "de", "fr", "en"][:b], ["de", "en", "fr", "fr"][:b],
-                               ["s1", "s2", "s1", "s3"][:b], feats, lens, ["s1", "s2"], VOCAB)
+                               ["s1", "s2", "s1", "s3"][:b], ["clean", "snr10", "snr10", "snr0"][:b], feats, lens,
+                               LABELS, VOCAB)
 
 
 def test_straight_through_gradients_reach_the_predictor() -> None:
     model = SpeechModel(DIMS)
-    pred = GatePredictor(model.n_modules, ["task", "source_lang", "target_lang"], 8, 16, 80, 2, 2.0, 2, 5)
+    pred = GatePredictor(model.n_modules, ["task", "source_lang", "target_lang"], 8, 16, 80, LABELS, 2.0, 2, 5)
     logits = pred(ctx_batch())
     keep = gumbel_straight_through(logits, 1.0, torch.Generator().manual_seed(0))
     assert set(keep.detach().unique().tolist()) <= {0.0, 1.0}  # hard in the forward pass
@@ -42,7 +45,7 @@ def test_straight_through_gradients_reach_the_predictor() -> None:
 
 def test_eval_gates_are_deterministic_and_context_dependent() -> None:
     torch.manual_seed(0)
-    pred = GatePredictor(30, ["task", "source_lang", "target_lang"], 8, 16, 80, 2, 0.0, 2, 5).eval()
+    pred = GatePredictor(30, ["task", "source_lang", "target_lang"], 8, 16, 80, LABELS, 0.0, 2, 5).eval()
     c = ctx_batch()
     a, b = deterministic_gates(pred(c)), deterministic_gates(pred(c))
     assert torch.equal(a, b)
@@ -131,10 +134,10 @@ def test_mask_file_roundtrip_and_wrong_model_rejected(tmp_path: Path) -> None:
 
 def test_per_utterance_predictor_uses_features() -> None:
     torch.manual_seed(0)
-    pred = GatePredictor(30, ["task", "pooled_features"], 8, 16, 80, 0, 0.0, 2, 5).eval()
+    pred = GatePredictor(30, ["task", "pooled_features"], 8, 16, 80, LabelVocab(), 0.0, 2, 5).eval()
     assert pred.per_utterance
     c = ctx_batch()
-    c2 = ContextInputs(c.task, c.source_lang, c.target_lang, c.speaker, c.pooled + 5.0)
+    c2 = replace(c, pooled=c.pooled + 5.0)
     assert not torch.equal(pred(c), pred(c2))
 
 
@@ -204,14 +207,15 @@ def test_gates_switch_to_the_exported_masks_once_the_predictor_is_frozen(tmp_pat
     session = Session(recipe, RunDir(tmp_path, recipe), torch.device("cpu"))
     model = SpeechModel(DIMS)
     torch.manual_seed(0)
-    pred = GatePredictor(model.n_modules, [], 8, 16, 80, 0, 0.3, 2, 5)
+    pred = GatePredictor(model.n_modules, [], 8, 16, 80, LabelVocab(), 0.3, 2, 5)
     spec = SparsitySpec.build(model.modules_list, "both", {"encoder": 0.25, "decoder": 0.5}, None)
     b = 3
     batch = Batch(torch.randn(b, 40, 80), torch.full((b,), 40), torch.ones(b, 4, dtype=torch.long),
                   torch.ones(b, 4, dtype=torch.long), torch.ones(b, 2, dtype=torch.long), torch.full((b,), 2),
-                  ["asr"] * b, ["en"] * b, ["en"] * b, ["s"] * b, list(range(b)))
-    obj = GateObjective(model, pred, spec, session, [], 10, 7, VOCAB, calibrated=True, frozen_from=5)
-    logits = pred(ContextInputs.build(["asr"] * b, ["en"] * b, ["en"] * b, ["s"] * b, batch.feats, batch.feat_lens, [], VOCAB))
+                  ["asr"] * b, ["en"] * b, ["en"] * b, ["s"] * b, [""] * b, list(range(b)))
+    obj = GateObjective(model, pred, spec, session, LabelVocab(), 10, 7, VOCAB, calibrated=True, frozen_from=5)
+    logits = pred(ContextInputs.build(["asr"] * b, ["en"] * b, ["en"] * b, ["s"] * b, [""] * b, batch.feats, batch.feat_lens,
+                                      LabelVocab(), VOCAB))
     exported = spec.force_ungated(exact_sparsity_gates(logits, spec))
     assert all(torch.allclose(v, torch.tensor(t)) for v, t in
                ((spec.sparsity(exported)[s], spec.targets[s]) for s in spec.targets))
@@ -224,7 +228,7 @@ def test_gates_switch_to_the_exported_masks_once_the_predictor_is_frozen(tmp_pat
     want = gumbel_straight_through(logits, tau, derived_generator(7, GUMBEL_SALT, 0), noise_scale=tau / g.tau_start)
     assert torch.equal(sampled, spec.force_ungated(want)) and sampled.requires_grad
     # the context-aware predictor (not calibrated) exports, and so trains the frozen phase under, the argmax
-    ctx_obj = GateObjective(model, pred, spec, session, [], 10, 7, VOCAB, calibrated=False, frozen_from=5)
+    ctx_obj = GateObjective(model, pred, spec, session, LabelVocab(), 10, 7, VOCAB, calibrated=False, frozen_from=5)
     assert torch.equal(ctx_obj.gates(batch, 5), spec.force_ungated(deterministic_gates(logits)))
 
 
@@ -257,7 +261,7 @@ def test_calibration_shift_meets_the_target_in_the_mean_and_is_idempotent() -> N
 
 def test_predictor_shift_moves_the_skip_logits_of_both_kinds() -> None:
     for inputs in (["task", "source_lang", "target_lang"], []):
-        pred = GatePredictor(10, inputs, 8, 16, 80, 2, 2.0, 2, 5)
+        pred = GatePredictor(10, inputs, 8, 16, 80, LABELS, 2.0, 2, 5)
         ctx = ctx_batch()
         before = pred(ctx).detach().clone()
         shift = torch.linspace(-1, 1, 10)
@@ -274,7 +278,7 @@ def test_distillation_loss_is_the_kl_to_the_teacher_over_target_tokens() -> None
     torch.manual_seed(0)
     labels = torch.tensor([[5, 6, IGNORE], [7, IGNORE, IGNORE]])
     batch = Batch(torch.zeros(2, 4, 80), torch.full((2,), 4), labels, labels, labels, torch.zeros(2, dtype=torch.long),
-                  ["asr"] * 2, ["en"] * 2, ["en"] * 2, ["s"] * 2, [0, 1])
+                  ["asr"] * 2, ["en"] * 2, ["en"] * 2, ["s"] * 2, [""] * 2, [0, 1])
     teacher = torch.randn(2, 3, 10)
     student = torch.randn(2, 3, 10, requires_grad=True)
     assert float(distill_loss(teacher, teacher, batch)) == pytest.approx(0.0, abs=1e-6)
@@ -285,3 +289,13 @@ def test_distillation_loss_is_the_kl_to_the_teacher_over_target_tokens() -> None
     assert float(kd.detach()) == pytest.approx(want, rel=1e-5) and want > 0
     kd.backward()
     assert student.grad is not None and float(student.grad[0, 2].abs().sum()) == 0.0
+
+
+def test_condition_labels_come_from_the_training_vocabulary_and_unseen_ones_share_id_0() -> None:
+    ctx = ctx_batch()
+    assert ctx.condition.tolist() == [1, 2, 2, 0] and ctx.speaker.tolist() == [1, 2, 1, 0]
+    pred = GatePredictor(10, ["task", "condition"], 8, 16, 80, LABELS, 0.0, 2, 5)
+    assert pred.per_utterance and pred.embeds["condition"].num_embeddings == 3
+    logits = pred(ctx)
+    assert not torch.allclose(logits[0], logits[2])  # both asr; clean vs snr10
+    assert LabelVocab.from_blob(LABELS.to_blob()) == LABELS and LabelVocab.from_blob({"speakers": ["a"]}).conditions == ()

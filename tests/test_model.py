@@ -77,7 +77,8 @@ def test_module_drop_skips_a_seeded_subset_in_training_only() -> None:
     assert 0.2 < dropped < 0.4
     assert obj.keep(None) is None and BaseObjective(model, 0.1, 0.3).keep(5) is None  # validation and default: dense
     x, lens, y = inputs()
-    batch = Batch(x, lens, y[:, :-1], y[:, 1:], y[:, :3], torch.tensor([3, 3, 0]), ["asr"] * 3, ["en"] * 3, ["en"] * 3, ["s"] * 3, [0, 1, 2])
+    batch = Batch(x, lens, y[:, :-1], y[:, 1:], y[:, :3], torch.tensor([3, 3, 0]), ["asr"] * 3, ["en"] * 3, ["en"] * 3, ["s"] * 3, [""] * 3,
+                  [0, 1, 2])
     loss, _ = obj(batch, 3)
     assert set(calls) == {m.name for m, k in zip(model.modules_list, obj.keep(3)) if k}
     loss.backward()  # the skipped modules simply get no gradient

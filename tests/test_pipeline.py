@@ -55,6 +55,42 @@ def test_run_writes_every_stage_output(smoke_run: Path) -> None:
     assert "## Quality" in report and "## Cost" in report and "prune-cli train" in report
 
 
+def test_run_scores_the_robustness_sets_and_reports_them_side_by_side(smoke_run: Path) -> None:
+    ev = read_json(smoke_run / "eval" / "summary.json")
+    report = (smoke_run / "report.md").read_text()
+    assert "## Robustness: every test set" in report
+    table = report.split("## Robustness: every test set", 1)[1].split("\n## ", 1)[0]
+    for name, per_context in (("test_unseen_voices", 2), ("test_noise_10db", 2)):
+        es = read_json(smoke_run / "eval" / "sets" / name / "summary.json")
+        assert es["set"]["utterances"] == {ctx: per_context for ctx in ev["variants"]["dense"]}
+        assert set(es["variants"]) == set(ev["variants"])
+        wer = f"| {name} | avg WER | " + " | ".join(f"{es['averages'][v]['wer']:.2f}" for v in es["variants"]) + " |"
+        assert wer in table, wer
+        assert f"## Test set {name}" in report
+    assert table.count("| test |") == 3  # the clean split: WER, BLEU, prunable FLOPs kept
+    assert "context - static" in table
+    # the masks eval decoded with: static has one mask, so its stats are masks.json's
+    static = read_json(smoke_run / "masks.json")["stats"]["static"]
+    assert ev["sparsity"]["static"]["prunable_flops_ratio"] == pytest.approx(next(iter(static.values()))["prunable_flops_ratio"], abs=1e-4)
+
+
+def test_a_condition_aware_predictor_reads_the_manifests_condition(tmp_path: Path, smoke_run: Path,
+                                                                    smoke_corpus: list[str]) -> None:
+    import torch
+
+    run_dir = tmp_path / "condition"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("sweep", "eval", "profile", "pruned"))
+    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(run_dir), "--stages", "gates,prune,eval",
+            "--set", "gates.inputs=[task,source_lang,target_lang,condition]", "--set", "gates.train_static=false",
+            "--set", "eval.variants=[dense,context]", "--set", "eval.sets=[test_noise_10db]")
+    assert r.returncode == 0, r.stderr
+    blob = torch.load(run_dir / "checkpoints" / "gates.pt", weights_only=True)
+    train = [json.loads(x) for x in Path(smoke_corpus[1].split("=", 1)[1], "train.jsonl").read_text().splitlines()]
+    assert blob["conditions"] == sorted({row["condition"] for row in train}) and "snr10" in blob["conditions"]
+    assert read_json(run_dir / "masks.json")["meta"]["conditions"] == blob["conditions"]
+    assert set(read_json(run_dir / "eval" / "sets" / "test_noise_10db" / "summary.json")["variants"]) == {"dense", "context"}
+
+
 def test_static_is_calibrated_to_target_and_flops_follow_masks(smoke_run: Path) -> None:
     masks = read_json(smoke_run / "masks.json")
     targets = masks["meta"]["targets"]

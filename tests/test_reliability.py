@@ -231,7 +231,7 @@ def test_11_a_truncated_wav_is_caught_without_a_duration(tmp_path: Path) -> None
     wav = _wav(tmp_path / "a.wav", 2.0)
     wav.write_bytes(wav.read_bytes()[: 44 + 16000])  # half a second of the two the header declares
     m = _manifest(tmp_path / "m.jsonl", [{"audio_filepath": "a.wav", "text": "one"}])
-    n, problems, *_ = check_manifest(m, 16000, 0.05, ContextDefaults())
+    n, problems, *_ = check_manifest(m, 16000, 0.05, ContextDefaults("asr", "en"))
     assert n == 1 and problems == [f"{m}:1: WAV header declares 32000 samples but the file holds 8000 (truncated file)"]
 
 
@@ -240,14 +240,14 @@ def test_12_non_utf8_lines_are_named_skipped_and_other_manifests_still_reported(
     good = {"audio_filepath": "a.wav", "text": "one", "duration": 1.0}
     bad = _manifest(tmp_path / "bad.jsonl", [good, {**good, "utt_id": "x2"}], {1: b'{"audio_filepath": "a.wav", "text": "\xff\xfe"}'})
     fine = _manifest(tmp_path / "fine.jsonl", [good])
-    r = cli("data", "check", str(bad), str(fine))
+    r = cli("data", "check", str(bad), str(fine), "--context", "asr:en")
     assert r.returncode == 1
     problems = [line for line in r.stderr.strip().splitlines() if not line.startswith("warning: ")]
     assert problems == [f"{bad}:2: not valid UTF-8"]
     assert f"{bad}: 2 utterances, 1 problem(s)" in r.stdout and f"{fine}: 1 utterances, 0 problem(s)" in r.stdout
     from prune_cli.data.batching import SplitSpec, load_split
 
-    spec = SplitSpec(bad, ContextDefaults(), 16000, 80, "skip")
+    spec = SplitSpec(bad, ContextDefaults("asr", "en"), 16000, 80, "skip")
     assert len(load_split(spec)) == 2
 
 
@@ -259,13 +259,13 @@ def test_13_utterances_longer_than_the_model_takes_are_caught_before_training(tm
     _wav(tmp_path / "long.wav", 170.0)  # past the positional table (about 164 s)
     m = _manifest(tmp_path / "m.jsonl", [{"audio_filepath": "short.wav", "text": "one"},
                                          {"audio_filepath": "long.wav", "text": "two"}])
-    r = cli("data", "check", str(m))
+    r = cli("data", "check", str(m), "--context", "asr:en")
     assert r.returncode == 1 and f"{m}:2: 170.0 s is longer than the model takes (163.9 s)" in r.stderr, r.stderr
-    spec = SplitSpec(m, ContextDefaults(), 16000, 80, "fail", max_input_frames())
+    spec = SplitSpec(m, ContextDefaults("asr", "en"), 16000, 80, "fail", max_input_frames())
     with pytest.raises(DataError) as e:
         load_split(spec)
     assert e.value.problems[0].startswith(f"{m}:2: 170.0 s is longer than the model takes")
-    kept = load_split(SplitSpec(m, ContextDefaults(), 16000, 80, "skip", max_input_frames()))
+    kept = load_split(SplitSpec(m, ContextDefaults("asr", "en"), 16000, 80, "skip", max_input_frames()))
     assert [u.utt_id for u in kept.utts] == ["m-1"] and kept.skipped == 1
 
 
@@ -275,10 +275,10 @@ def test_14_duplicate_utterance_ids_are_reported_and_rejected(tmp_path: Path) ->
     _wav(tmp_path / "a.wav", 1.0)
     row = {"audio_filepath": "a.wav", "text": "one", "utt_id": "u1"}
     m = _manifest(tmp_path / "m.jsonl", [row, row])
-    n, problems, *_ = check_manifest(m, 16000, 0.05, ContextDefaults())
+    n, problems, *_ = check_manifest(m, 16000, 0.05, ContextDefaults("asr", "en"))
     assert problems == [f"{m}:2: duplicate utterance id 'u1' (first at {m}:1)"]
     with pytest.raises(DataError, match="duplicate utterance id 'u1'"):
-        load_split(SplitSpec(m, ContextDefaults(), 16000, 80, "fail"))
+        load_split(SplitSpec(m, ContextDefaults("asr", "en"), 16000, 80, "fail"))
 
 
 # ---------------------------------------------------------------- command-line contract

@@ -102,8 +102,9 @@ def load_split(spec: SplitSpec, cache: Path | None = None) -> Split:
     defaulted = sum(u.context_defaulted for u in good)
     if defaulted:
         d = spec.defaults
+        given = ", ".join(f"{k} {v}" for k, v in vars(d).items() if v)
         warn(f"{spec.path}: {defaulted} of {len(good)} utterances have no task or source language and took the default "
-             f"context ({d.task}, {d.source_lang}{'-' + d.target_lang if d.target_lang else ''}; data.defaults or --context)")
+             f"context ({given}; data.defaults or --context)")
     if not good:
         raise DataError(f"{name}: no usable utterances")
     out = Split(good, feats, skipped)
@@ -155,6 +156,7 @@ class Batch:
     source_lang: list[str]
     target_lang: list[str]
     speaker: list[str]
+    condition: list[str]
     index: list[int]
 
     def to(self, device: torch.device) -> "Batch":
@@ -201,5 +203,5 @@ def collate(split: Split, idx: list[int], tok: Tokenizer, inputs: InputSpec, max
     us = [split.utts[i] for i in idx]
     return Batch(
         x, lens, dec_in, dec_out, ctc_targets, ctc_lens, [u.task for u in us], [u.source_lang for u in us],
-        [u.target_lang for u in us], [u.speaker for u in us], list(idx),
+        [u.target_lang for u in us], [u.speaker for u in us], [u.condition for u in us], list(idx),
     )

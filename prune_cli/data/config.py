@@ -8,7 +8,35 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from prune_cli.data.synth import DEMO_LANGUAGES, DEMO_ST_PAIRS
+from prune_cli.data.synth import DEMO_LANGUAGES, DEMO_ST_PAIRS, HELDOUT_VOICES, NOISES
+
+
+@dataclass
+class AugmentConfig:
+    """Variation of the training split, rendered into its audio at synthesis (seeded): voices, rate, pitch, noise, rooms."""
+
+    clean_share: float = 0.3  # share of training utterances drawn as the clean test split is (its voices, rate, pitch, no noise)
+    rate_range: list[int] = field(default_factory=lambda: [100, 240])  # words per minute, for the other utterances
+    pitch_range: list[int] = field(default_factory=lambda: [5, 95])
+    noise_share: float = 0.8  # of the other utterances: additive noise at a random SNR
+    snr_range: list[float] = field(default_factory=lambda: [0.0, 30.0])  # dB, uniform
+    noises: list[str] = field(default_factory=lambda: list(NOISES))  # white, pink, brown, babble (other utterances)
+    babble_talkers: int = 3
+    reverb_share: float = 0.2  # of the other utterances: a synthetic room impulse response
+    rt60_range: list[float] = field(default_factory=lambda: [0.2, 0.8])  # seconds
+
+
+@dataclass
+class RobustSetConfig:
+    """A robustness test set written beside test.jsonl as <name>.jsonl; its numbers are test numbers."""
+
+    name: str = "test_noise"
+    voices: Literal["test", "heldout"] = "test"  # the clean test split's voices, or synth.heldout_voices
+    snr_db: Optional[float] = None  # additive noise at exactly this SNR; null = clean
+    noises: list[str] = field(default_factory=lambda: list(NOISES))  # drawn evenly per utterance
+    rate_range: Optional[list[int]] = None  # null: synth.rate_range
+    pitch_range: Optional[list[int]] = None  # null: synth.pitch_range
+    per_context: int = 40
 
 
 @dataclass
@@ -26,17 +54,22 @@ class SynthConfig:
     voices_per_lang: int = 4
     rate_range: list[int] = field(default_factory=lambda: [150, 210])
     pitch_range: list[int] = field(default_factory=lambda: [35, 65])
-    snr_db: Optional[float] = None
+    snr_db: Optional[float] = None  # white noise on every utterance (older recipes); see augment for training variation
+    heldout_voices: list[str] = field(default_factory=lambda: list(HELDOUT_VOICES))  # never in train or dev
+    augment: Optional[AugmentConfig] = None  # null: train sounds like test
+    test_sets: list[RobustSetConfig] = field(default_factory=list)
     audio_format: Literal["flac", "wav"] = "flac"
     workers: int = 2
 
 
 @dataclass
 class ContextDefaults:
-    """Context fields for manifests that lack them (plain NeMo manifests)."""
+    """Context fields for manifests that lack them (plain NeMo manifests, Kaldi dirs without utt2lang/utt2task).
 
-    task: str = "asr"
-    source_lang: str = "en"
+    None: the data must name it. A context is never guessed: an utterance without one is an error unless given."""
+
+    task: Optional[str] = None
+    source_lang: Optional[str] = None
     target_lang: Optional[str] = None
 
 

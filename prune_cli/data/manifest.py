@@ -27,11 +27,26 @@ class Utterance:
     speaker: str
     source_text: str | None
     where: str  # file:line, for error messages
+    condition: str = ""  # the acoustic condition the manifest names (`condition`: clean, snr10, ...), if any
     context_defaulted: bool = False  # task or source language came from the defaults, not from the data
 
     @property
     def context(self) -> str:
         return context_key(self.task, self.source_lang, self.target_lang)
+
+
+NO_CONTEXT = "names no task or source language"
+
+
+def collapse_missing_context(path: Path, problems: list[str]) -> list[str]:
+    """One line for every utterance that names no context and was given none, not one per utterance."""
+    missing = [p for p in problems if p.endswith(NO_CONTEXT)]
+    if not missing:
+        return problems
+    first = missing[0][: -len(NO_CONTEXT) - 2]
+    return [p for p in problems if not p.endswith(NO_CONTEXT)] + [
+        f"{path}: {len(missing)} utterance(s) name no task or source language (first: {first}); give the context: "
+        "--context TASK:LANG (e.g. asr:de, st:de-en), the recipe's data.defaults, or utt2task/utt2lang in a Kaldi dir"]
 
 
 def _context_problems(task: object, src: object, tgt: object) -> list[str]:
@@ -62,6 +77,8 @@ def parse_row(row: object, where: str, base: Path, defaults: ContextDefaults) ->
     task = row.get("task", defaults.task)
     src = row.get("source_lang", defaults.source_lang)
     tgt = row.get("target_lang") or defaults.target_lang or src
+    if task is None or src is None:
+        return None, probs + [f"{where}: {NO_CONTEXT}"]
     probs += [f"{where}: {p}" for p in _context_problems(task, src, tgt)]
     duration = row.get("duration")
     if duration is not None and (not isinstance(duration, (int, float)) or duration <= 0):
@@ -75,7 +92,7 @@ def parse_row(row: object, where: str, base: Path, defaults: ContextDefaults) ->
         utt_id=str(row.get("utt_id") or row.get("id") or f"{Path(where.split(':')[0]).stem}-{where.rsplit(':', 1)[1]}"),
         audio=audio, duration=float(duration or 0.0), text=" ".join(text.split()), task=task,
         source_lang=src, target_lang=tgt, speaker=str(row.get("speaker", "unknown")),
-        source_text=row.get("source_text"), where=where,
+        source_text=row.get("source_text"), where=where, condition=str(row.get("condition") or ""),
         context_defaulted="task" not in row or "source_lang" not in row,
     )
     return utt, []
@@ -107,7 +124,7 @@ def read_jsonl(path: Path, defaults: ContextDefaults) -> tuple[list[Utterance], 
             problems += probs
             if utt is not None:
                 utts.append(utt)
-    return utts, problems
+    return utts, collapse_missing_context(path, problems)
 
 
 def _read_table(path: Path, problems: list[str]) -> dict[str, str]:
@@ -163,7 +180,7 @@ def read_kaldi_dir(d: Path, defaults: ContextDefaults) -> tuple[list[Utterance],
         problems += probs
         if utt is not None:
             utts.append(utt)
-    return utts, problems
+    return utts, collapse_missing_context(d, problems)
 
 
 def read_any(path: Path, defaults: ContextDefaults) -> tuple[list[Utterance], list[str]]:

@@ -1,7 +1,9 @@
 """Demo corpus: multilingual spoken numbers from eSpeak NG (driven with ctypes), texts from num2words.
 
-Every random choice (numbers, splits, voices, rate, pitch, noise) is drawn up front from the recipe seed,
+Every random choice (numbers, splits, voices, rate, pitch, noise, rooms) is drawn up front from the recipe seed,
 so two builds with the same seed give identical manifests and identical audio bytes, however many workers run.
+Training variation (`synth.augment`) is rendered into the audio here, not applied on the fly: features are computed
+once per utterance and cached, and a corpus on disk is one that can be listened to and checked.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +27,7 @@ from prune_cli.atomic import atomic_write_text
 from prune_cli.errors import DataError
 
 if TYPE_CHECKING:
-    from prune_cli.data.config import SynthConfig
+    from prune_cli.data.config import RobustSetConfig, SynthConfig
 
 # The demo corpus's default languages and translation directions (any pair of supported_languages() works).
 DEMO_LANGUAGES = ("en", "de", "fr", "es", "it")
@@ -33,14 +35,18 @@ DEMO_ST_PAIRS = ("de-en", "fr-en", "es-en", "it-en", "en-de", "en-fr")
 FORMS = ("cardinal", "ordinal", "year")
 
 # bump when the same plan would render different audio or text
-# (2: segmented de/it compounds; 3: fresh process per chunk; 4: Italian spelling fixes; 5: hashed number splits)
-SYNTH_VERSION = 5
+# (2: segmented de/it compounds; 3: fresh process per chunk; 4: Italian spelling fixes; 5: hashed number splits;
+# 6: chunks never straddle splits, noise types, babble, reverberation)
+SYNTH_VERSION = 6
 # Utterances per worker process. eSpeak NG keeps state between syntheses (its RNG and waveform state) that neither
 # espeak_Terminate/espeak_Initialize nor espeak_ng_SetRandSeed resets: the same text rendered twice in one process
 # differs. So every fixed chunk of the plan renders in a fresh process with a seeded RNG, and an utterance's audio
 # depends on the plan alone, not on how chunks were scheduled over workers.
 SYNTH_CHUNK = 400
-VOICE_VARIANTS = ("m1", "f1", "m3", "f3", "m7", "f4", "m2", "f2", "m4", "f5")
+VOICE_VARIANTS = ("m1", "f1", "m3", "f3", "m7", "f4", "m2", "f2", "m4", "f5")  # the clean splits' voices, in order
+# eSpeak NG variants kept out of train and dev, for the unseen-voices test set: male, female, klatt and named voices.
+HELDOUT_VOICES = ("m6", "f5", "klatt4", "Andy", "belinda", "john", "max", "steph2")
+NOISES = ("white", "pink", "brown", "babble")
 ESPEAK_RATE, ESPEAK_PITCH = 1, 3
 AUDIO_OUTPUT_SYNCHRONOUS, POS_CHARACTER, CHARS_UTF8 = 2, 1, 1
 
@@ -58,6 +64,25 @@ class UttSpec:
     rate: int
     pitch: int
     noise_seed: int
+    noise: str = "none"  # none or one of NOISES
+    snr_db: float | None = None
+    rt60: float = 0.0  # reverberation time of a synthetic room, seconds; 0 = dry
+    talkers: int = 0  # babble: how many other utterances are mixed
+
+    @property
+    def condition(self) -> str:
+        """The acoustic condition as a coarse label: clean, or the 10-dB SNR band, and +reverb."""
+        label = "clean" if self.snr_db is None else f"snr{int(min(30, max(0, self.snr_db)) // 10 * 10)}"
+        return label + ("+reverb" if self.rt60 > 0 else "")
+
+
+@lru_cache(maxsize=1)
+def voice_variants() -> tuple[str, ...]:
+    """Every eSpeak NG voice variant (voices/!v), read from the installed data."""
+    import espeakng_loader
+
+    root = Path(espeakng_loader.get_data_path()) / "voices" / "!v"
+    return tuple(sorted(p.name for p in root.iterdir() if p.is_file() and re.fullmatch(r"[A-Za-z0-9_]+", p.name)))
 
 
 @lru_cache(maxsize=1)
@@ -220,42 +245,159 @@ def plan_corpus(cfg: SynthConfig, seed: int) -> list[UttSpec]:
                     noise_seed=int(rng.integers(2**31)),
                 ))
                 made += 1
+    if cfg.snr_db is not None:  # the older, global setting: white noise on every utterance
+        specs = [replace(sp, noise="white", snr_db=float(cfg.snr_db)) for sp in specs]
+    if cfg.augment is not None:
+        specs = _augment_training(specs, cfg, seed)
+    for k, ts in enumerate(cfg.test_sets):
+        specs += _plan_test_set(ts, k, contexts, cfg, seed, shares)
     return specs
+
+
+def training_voices(cfg: SynthConfig) -> list[str]:
+    """The variants train may use: with augment, every eSpeak NG variant but the held-out ones."""
+    if cfg.augment is None:
+        return list(VOICE_VARIANTS[: cfg.voices_per_lang])
+    return [v for v in voice_variants() if v not in cfg.heldout_voices]
+
+
+def _augment_training(specs: list[UttSpec], cfg: SynthConfig, seed: int) -> list[UttSpec]:
+    """Redraw the training utterances' voice, rate, pitch, noise and room (a stream of its own: dev and test keep theirs)."""
+    aug = cfg.augment
+    assert aug is not None
+    rng = np.random.default_rng([seed, 34])
+    voices = training_voices(cfg)
+    out = []
+    for sp in specs:
+        if sp.split != "train" or rng.random() < aug.clean_share:
+            out.append(sp)
+            continue
+        voice = voices[int(rng.integers(len(voices)))]
+        rate = int(rng.integers(aug.rate_range[0], aug.rate_range[1] + 1))
+        pitch = int(rng.integers(aug.pitch_range[0], aug.pitch_range[1] + 1))
+        noisy = rng.random() < aug.noise_share
+        noise = aug.noises[int(rng.integers(len(aug.noises)))] if noisy else "none"
+        snr = round(float(rng.uniform(*aug.snr_range)), 2) if noisy else None
+        rt60 = round(float(rng.uniform(*aug.rt60_range)), 3) if rng.random() < aug.reverb_share else 0.0
+        out.append(replace(sp, voice=f"{sp.source_lang}+{voice}", rate=rate, pitch=pitch, noise=noise, snr_db=snr,
+                           rt60=rt60, talkers=aug.babble_talkers if noise == "babble" else 0))
+    return out
+
+
+def _plan_test_set(ts: RobustSetConfig, k: int, contexts: list[tuple[str, str, str]], cfg: SynthConfig, seed: int,
+                   shares: tuple[float, float]) -> list[UttSpec]:
+    """A robustness set: test numbers only (never in train), per_context utterances per context, noise types in turn."""
+    rng = np.random.default_rng([seed, 1000 + k])
+    voices = list(cfg.heldout_voices) if ts.voices == "heldout" else list(VOICE_VARIANTS[: cfg.voices_per_lang])
+    rate_range = ts.rate_range or cfg.rate_range
+    pitch_range = ts.pitch_range or cfg.pitch_range
+    specs = []
+    for task, src, tgt in contexts:
+        for j in range(ts.per_context):
+            for _ in range(10_000):
+                form = cfg.forms[int(rng.integers(len(cfg.forms)))]
+                n = _sample_number(rng, form, cfg.max_number)
+                if number_split(seed, form, n, shares) == "test":
+                    break
+            else:
+                raise DataError(f"corpus plan: {ts.name}: cannot find test numbers; raise max_number")
+            noise = ts.noises[j % len(ts.noises)] if ts.snr_db is not None else "none"
+            specs.append(UttSpec(
+                utt_id=f"{ts.name}-{task}-{src}{tgt}-{j:05d}", split=ts.name, task=task, source_lang=src, target_lang=tgt,
+                form=form, number=n, voice=f"{src}+{voices[int(rng.integers(len(voices)))]}",
+                rate=int(rng.integers(rate_range[0], rate_range[1] + 1)),
+                pitch=int(rng.integers(pitch_range[0], pitch_range[1] + 1)), noise_seed=int(rng.integers(2**31)),
+                noise=noise, snr_db=ts.snr_db, talkers=3 if noise == "babble" else 0,
+            ))
+    return specs
+
+
+def colored_noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Unit-power noise: white (flat), pink (power 1/f) or brown (1/f^2), shaped in the frequency domain."""
+    white = rng.standard_normal(n)
+    if kind != "white":
+        spec = np.fft.rfft(white)
+        f = np.fft.rfftfreq(n)
+        f[0] = f[1] if n > 2 else 1.0
+        spec /= f ** (0.5 if kind == "pink" else 1.0)
+        white = np.fft.irfft(spec, n)
+    return (white / (np.sqrt(np.mean(white**2)) + 1e-12)).astype(np.float32)
+
+
+def babble(n: int, others: list[np.ndarray], talkers: int, rng: np.random.Generator) -> np.ndarray:
+    """Other utterances summed, each looped to length n from a random offset."""
+    picks = rng.choice(len(others), size=min(talkers, len(others)), replace=False)
+    out = np.zeros(n, np.float32)
+    for i in picks:
+        src = others[int(i)]
+        reps = int(np.ceil((n + len(src)) / len(src)))
+        start = int(rng.integers(len(src)))
+        out += np.tile(src, reps)[start : start + n]
+    return out / (np.sqrt(np.mean(out**2)) + 1e-12)
+
+
+def reverberate(audio: np.ndarray, rt60: float, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """Convolve with a synthetic room: a direct path, then exponentially decaying noise (60 dB down at rt60)."""
+    t = np.arange(int(rt60 * sample_rate)) / sample_rate
+    rir = rng.standard_normal(t.shape[0]) * np.exp(-6.908 * t / rt60) * 0.3
+    rir[0] = 1.0
+    n = audio.shape[0] + rir.shape[0] - 1
+    wet = np.fft.irfft(np.fft.rfft(audio, n) * np.fft.rfft(rir, n), n)[: audio.shape[0] + sample_rate // 10]
+    return (wet * np.sqrt(np.mean(audio**2) / (np.mean(wet**2) + 1e-12))).astype(np.float32)
+
+
+def mix_at_snr(audio: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """audio + noise scaled so that 10 log10(P_audio / P_noise) = snr_db, powers over the whole utterance.
+    Scaled down together when the mix would clip, so the SNR holds."""
+    p_sig = float(np.mean(audio**2)) + 1e-12
+    mix = audio + noise * np.sqrt(p_sig / (float(np.mean(noise**2)) + 1e-12) / 10 ** (snr_db / 10))
+    peak = float(np.max(np.abs(mix)))
+    return mix * (0.99 / peak) if peak > 0.99 else mix
+
+
+def degrade(audio: np.ndarray, spec: UttSpec, others: list[np.ndarray], sample_rate: int) -> np.ndarray:
+    """The spec's room and noise applied to its clean audio; `others`: clean utterances of its chunk, for babble."""
+    rng = np.random.default_rng(spec.noise_seed)
+    if spec.rt60 > 0:
+        audio = reverberate(audio, spec.rt60, sample_rate, rng)
+    if spec.noise != "none" and spec.snr_db is not None:
+        noise = (babble(audio.shape[0], others, spec.talkers, rng) if spec.noise == "babble" and others
+                 else colored_noise("pink" if spec.noise == "babble" else spec.noise, audio.shape[0], rng))
+        audio = mix_at_snr(audio, noise, spec.snr_db)
+    return audio
 
 
 _ENGINE: ESpeak | None = None
 
 
-def _render(args: tuple[UttSpec, str, int, float | None, str]) -> tuple[str, int]:
-    """Synthesize one utterance to disk; returns (utt_id, number of samples at the target rate)."""
-    import soundfile as sf
+def _clean(spec: UttSpec, sample_rate: int) -> np.ndarray:
+    """The utterance as eSpeak NG says it, at the target rate."""
     import torch
     import torchaudio.functional as AF
 
-    spec, out_dir, sample_rate, snr_db, fmt = args
     assert _ENGINE is not None, "rendered outside _render_chunk"
     text = spoken_text(number_text(spec.number, spec.source_lang, spec.form), spec.source_lang)
-    pcm = _ENGINE.synth(text, spec.voice, spec.rate, spec.pitch)
-    wav = torch.from_numpy(pcm.astype(np.float32) / 32768.0)
+    wav = torch.from_numpy(_ENGINE.synth(text, spec.voice, spec.rate, spec.pitch).astype(np.float32) / 32768.0)
     if _ENGINE.sample_rate != sample_rate:
         wav = AF.resample(wav, _ENGINE.sample_rate, sample_rate)
-    audio = wav.numpy()
-    if snr_db is not None:
-        noise = np.random.default_rng(spec.noise_seed).standard_normal(audio.shape[0]).astype(np.float32)
-        p_sig = float(np.mean(audio**2)) + 1e-12
-        audio = audio + noise * np.sqrt(p_sig / (10 ** (snr_db / 10)))
-    audio = np.clip(audio, -1.0, 1.0)
+    return wav.numpy()
+
+
+def _write(audio: np.ndarray, spec: UttSpec, out_dir: str, sample_rate: int, fmt: str) -> None:
+    import soundfile as sf
+
     path = Path(out_dir) / spec.split / f"{spec.utt_id}.{fmt}"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp.{fmt}")
-    sf.write(tmp, audio, sample_rate, subtype="PCM_16", format=fmt.upper())
+    sf.write(tmp, np.clip(audio, -1.0, 1.0), sample_rate, subtype="PCM_16", format=fmt.upper())
     os.replace(tmp, path)
-    return spec.utt_id, int(audio.shape[0])
 
 
-def _render_chunk(args: tuple[int, list[tuple[UttSpec, str, int, float | None, str]]]) -> list[tuple[str, int]]:
-    """Render one chunk of the plan in this (fresh) worker process; see SYNTH_CHUNK."""
-    rng_seed, jobs = args
+def _render_chunk(args: tuple[int, list[UttSpec], str, int, str]) -> list[tuple[str, int]]:
+    """Render one chunk of the plan in this (fresh) worker process (see SYNTH_CHUNK); returns (utt_id, samples).
+
+    The chunk's clean utterances are rendered first: babble mixes the others of the same chunk (one split)."""
+    rng_seed, specs, out_dir, sample_rate, fmt = args
     global _ENGINE
     if _ENGINE is None:
         import torch
@@ -263,7 +405,13 @@ def _render_chunk(args: tuple[int, list[tuple[UttSpec, str, int, float | None, s
         torch.set_num_threads(1)
         _ENGINE = ESpeak()
     _ENGINE.lib.espeak_ng_SetRandSeed(ctypes.c_long(rng_seed))
-    return [_render(job) for job in jobs]
+    clean = [_clean(sp, sample_rate) for sp in specs]
+    out = []
+    for i, sp in enumerate(specs):
+        audio = degrade(clean[i], sp, clean[:i] + clean[i + 1 :], sample_rate)
+        _write(audio, sp, out_dir, sample_rate, fmt)
+        out.append((sp.utt_id, int(audio.shape[0])))
+    return out
 
 
 def build_corpus(
@@ -275,8 +423,13 @@ def build_corpus(
 
     specs = plan_corpus(cfg, seed)
     out_dir = Path(cfg.out_dir).resolve()
-    jobs = [(s, str(out_dir), sample_rate, cfg.snr_db, cfg.audio_format) for s in specs]
-    tasks = [((seed * 100_003 + start) % 2**31, jobs[start : start + chunk]) for start in range(0, len(jobs), chunk)]
+    splits = list(dict.fromkeys(s.split for s in specs))
+    tasks = []
+    for split in splits:  # a chunk holds one split: babble never mixes another split's audio in
+        first = next(i for i, s in enumerate(specs) if s.split == split)
+        members = [s for s in specs if s.split == split]
+        tasks += [((seed * 100_003 + first + start) % 2**31, members[start : start + chunk], str(out_dir), sample_rate,
+                   cfg.audio_format) for start in range(0, len(members), chunk)]
     n_samples: dict[str, int] = {}
     workers = max(1, min(cfg.workers, os.cpu_count() or 1, len(tasks)))
     # maxtasksperchild=1: each chunk gets a fresh process, whatever the worker count (1 included).
@@ -287,7 +440,7 @@ def build_corpus(
                 progress_cb(len(rendered))
     manifest_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, dict[str, dict[str, float]]] = {}
-    for split in ("train", "dev", "test"):
+    for split in ["train", "dev", "test"] + [ts.name for ts in cfg.test_sets]:
         rows = []
         for s in (s for s in specs if s.split == split):
             audio = out_dir / split / f"{s.utt_id}.{cfg.audio_format}"
@@ -302,8 +455,9 @@ def build_corpus(
                 "source_lang": s.source_lang,
                 "target_lang": s.target_lang,
                 "speaker": s.voice,
+                "condition": s.condition,
                 "utt_id": s.utt_id,
-                "meta": {**{k: v for k, v in asdict(s).items() if k in ("form", "number", "rate", "pitch")},
+                "meta": {**{k: v for k, v in asdict(s).items() if k in ("form", "number", "rate", "pitch", "noise", "snr_db", "rt60")},
                          "spoken": spoken_text(source_text, s.source_lang)},
             })
             key = context_key(s.task, s.source_lang, s.target_lang)

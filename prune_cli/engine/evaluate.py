@@ -130,6 +130,8 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
         for variant in variants:
             net = nets[variant]
             patterns = utterance_patterns(s, variant, net, split, idx, masks, {c: f["to"] for c, f in fallbacks.items()})
+            if masks is not None and VARIANTS[variant].masked:  # what the decoded masks skipped, per utterance on average
+                summary.setdefault("sparsity", {})[variant] = mean_mask_stats(net, patterns, masks.meta.get("module_flops") or {})
             hyps = decode_split(s, net, split, idx, patterns, opts, cfg.batch_size, bar)
             by_ctx: dict[str, list[int]] = {}
             for i in idx:
@@ -173,6 +175,17 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     if full:
         s.run.update_metrics("eval", summary["averages"])
     return summary
+
+
+def mean_mask_stats(model: SpeechModel, patterns: Sequence, module_flops: dict[str, int]) -> dict[str, float]:
+    """Sparsity per scope and prunable-FLOPs ratio of the masks eval decoded with, averaged over utterances: with
+    per-utterance gates (acoustic or condition inputs) they differ between test sets."""
+    from prune_cli.engine.prune import mask_stats
+
+    flops = module_flops or {m.name: 1 for m in model.modules_list}
+    rows = [mask_stats(model, [int(k) for k in p], flops) for p in patterns]
+    keys = [k for k in rows[0] if k.startswith("sparsity_")] + ["prunable_flops_ratio"] if rows else []
+    return {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in keys}
 
 
 def check_scorable(split: Split, idx: Sequence[int], vocab: ContextVocab) -> None:

@@ -10,7 +10,7 @@ import torch
 from prune_cli.data.batching import Split, model_inputs
 from prune_cli.engine.session import Session
 from prune_cli.gating.masks import MaskFile
-from prune_cli.gating.predictor import ContextInputs, GatePredictor
+from prune_cli.gating.predictor import ContextInputs, GatePredictor, LabelVocab
 from prune_cli.gating.sparsity import SparsitySpec
 from prune_cli.model.s2t import SpeechModel
 from prune_cli.recipe import Recipe
@@ -21,7 +21,7 @@ Keep = tuple[bool, ...]
 
 @torch.no_grad()
 def predict_keep(
-    s: Session, predictor: GatePredictor, spec: SparsitySpec, split: Split, idx: Sequence[int], speakers: list[str],
+    s: Session, predictor: GatePredictor, spec: SparsitySpec, split: Split, idx: Sequence[int], labels: LabelVocab,
     exact: bool = False,
 ) -> list[Keep]:
     """Deterministic keep pattern per utterance (inference path: argmax, no noise)."""
@@ -31,7 +31,7 @@ def predict_keep(
         x, lens = (t.to(s.device) for t in model_inputs(split, chunk, s.inputs))
         us = [split.utts[i] for i in chunk]
         ctx = ContextInputs.build([u.task for u in us], [u.source_lang for u in us], [u.target_lang for u in us],
-                                  [u.speaker for u in us], x, lens, speakers, s.tokenizer.vocab)
+                                  [u.speaker for u in us], [u.condition for u in us], x, lens, labels, s.tokenizer.vocab)
         logits = predictor(ctx)
         keep = spec.deployed_gates(logits, exact).bool().cpu()
         out += [tuple(row.tolist()) for row in keep]
@@ -58,7 +58,7 @@ def utterance_patterns(
     if VARIANTS[variant].context_inputs and masks.per_utterance:
         pred = s.predictor(variant)
         spec = spec_from_masks(model, masks)
-        return predict_keep(s, pred, spec, split, idx, masks.meta["speakers"], masks.meta.get("context_exact_cut", False))
+        return predict_keep(s, pred, spec, split, idx, LabelVocab.from_blob(masks.meta), masks.meta.get("context_exact_cut", False))
     table = masks.variants.get(variant, {})
     single = {tuple(v) for v in table.values()}
 

@@ -11,6 +11,7 @@ from prune_cli.data.batching import Split
 from prune_cli.engine.masking import exact_cut, mode_pattern, predict_keep
 from prune_cli.engine.session import Session
 from prune_cli.gating.masks import MaskFile, layerdrop_mask, random_mask
+from prune_cli.gating.predictor import LabelVocab
 from prune_cli.gating.sparsity import SCOPES, SparsitySpec
 from prune_cli.model.checkpoint import read_checkpoint, save_model
 from prune_cli.model.flops import module_flops
@@ -42,7 +43,7 @@ def export_masks(s: Session) -> MaskFile:
     # Same weighting as training (module count, or FLOPs), so calibrated masks hit the target in the same units.
     floor = ctx_ckpt.get("min_cross_attention", 0)  # gate checkpoints from before the floor have none
     spec = SparsitySpec.for_targets(model.modules_list, targets, ctx_ckpt["module_flops"], floor)
-    speakers = ctx_ckpt["speakers"]
+    labels = LabelVocab.from_blob(ctx_ckpt)
     mean_frames = int(sum(f.shape[0] for f in train.feats) / len(train))
     flops = ctx_ckpt["module_flops"] or module_flops(model, mean_frames, 12)
     # Every context seen in any split gets a mask.
@@ -64,10 +65,10 @@ def export_masks(s: Session) -> MaskFile:
             variants[v.name] = {c: m for c in contexts}
         elif s.run.predictor_ckpt(v.name).is_file():
             predictor, exact = s.predictor(v.name), exact_cut(s.recipe, v.context_inputs)
-            variants[v.name] = _masks_for_contexts(s, predictor, spec, [train, test], contexts, speakers, exact)
+            variants[v.name] = _masks_for_contexts(s, predictor, spec, [train, test], contexts, labels, exact)
             if floor:
                 chosen = _masks_for_contexts(s, predictor, replace(spec, min_cross_attention=0), [train, test], contexts,
-                                             speakers, exact)
+                                             labels, exact)
                 restored[v.name] = [c for c in contexts if chosen[c] != variants[v.name][c]]
                 if restored[v.name]:
                     log(f"masks: {v.name}: gates.min_cross_attention={floor} restored cross-attention in "
@@ -77,7 +78,7 @@ def export_masks(s: Session) -> MaskFile:
     mf = MaskFile(
         modules=[m.name for m in model.modules_list], arch_hash=model.arch_hash(), weights_hash=model.weights_hash(),
         variants=variants, stats=stats, per_utterance=per_utt, variant_weights=own_base,
-        meta={"targets": targets, "scope": ctx_ckpt["scope"], "speakers": speakers, "module_flops": flops,
+        meta={"targets": targets, "scope": ctx_ckpt["scope"], **labels.to_blob(), "module_flops": flops,
               "reference_utterance": {"frames": mean_frames, "tokens": 12}, "recipe_hash": s.run.stage_hash("prune"),
               "context_exact_cut": context_exact, "min_cross_attention": floor,
               "cross_attention_restored": restored},
@@ -88,8 +89,8 @@ def export_masks(s: Session) -> MaskFile:
 
 
 def _masks_for_contexts(s: Session, pred, spec: SparsitySpec, splits: list[Split], contexts: list[str],  # noqa: ANN001
-                        speakers: list[str], exact: bool = False) -> dict[str, list[int]]:
-    """Context-only predictors give one pattern per context; acoustic/speaker ones give each context's mode."""
+                        labels: LabelVocab, exact: bool = False) -> dict[str, list[int]]:
+    """Context-only predictors give one pattern per context; acoustic/condition/speaker ones give each context's mode."""
     per_ctx: dict[str, list[tuple[bool, ...]]] = defaultdict(list)
     for split in splits:
         cap = 200 if pred.per_utterance else 1
@@ -99,7 +100,7 @@ def _masks_for_contexts(s: Session, pred, spec: SparsitySpec, splits: list[Split
             if seen[u.context] < cap:
                 seen[u.context] += 1
                 idx.append(i)
-        for i, keep in zip(idx, predict_keep(s, pred, spec, split, idx, speakers, exact)):
+        for i, keep in zip(idx, predict_keep(s, pred, spec, split, idx, labels, exact)):
             per_ctx[split.utts[i].context].append(keep)
     return {c: [int(k) for k in mode_pattern(per_ctx[c])] for c in contexts}
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from prune_cli.atomic import atomic_write_json, atomic_write_text
-from prune_cli.data.synth import SYNTH_VERSION, build_corpus
+from prune_cli.data.synth import SYNTH_VERSION, build_corpus, plan_corpus
 from prune_cli.engine.session import Session
-from prune_cli.errors import UsageError
+from prune_cli.errors import MissingInputError, UsageError
 from prune_cli.plots import plot_cost, plot_heatmap, plot_pareto
 from prune_cli.progress import log, progress
 from prune_cli.recipe import Recipe, build_recipe, parse_override, point_label, sweep_point_raw
@@ -48,7 +48,7 @@ def synthesize(r: Recipe) -> dict[str, Any]:
     if r.data.kaldi_dir:
         raise UsageError("data synth: this recipe reads a Kaldi data dir (data.kaldi_dir); there is nothing to synthesize")
     cfg = r.data.synth
-    total = cfg.n_train + cfg.n_dev + cfg.n_test
+    total = len(plan_corpus(cfg, r.seed))  # the robustness sets included
     with progress("synth", total=total) as bar:
         summary = build_corpus(cfg, Path(r.data.manifest_dir), r.data.sample_rate, r.seed, bar.advance)
     atomic_write_json(Path(r.data.manifest_dir) / "corpus.json", {"hash": corpus_hash(r), "summary": summary})
@@ -88,7 +88,19 @@ def stage_eval(s: Session, variants: list[str] | None = None, contexts: list[str
                eval_set: EvalSet | None = None) -> dict[str, Any]:
     from prune_cli.engine.evaluate import evaluate
 
-    return evaluate(s, variants or s.recipe.eval.variants, contexts, eval_set)
+    full = eval_set is None and contexts is None and variants is None
+    extra = s.recipe.eval.set_paths(s.recipe.data.manifest_dir) if full else []
+    missing = [f"eval.sets: {name}: {path} not found (a synth test set is built by `prune-cli data synth RECIPE`; "
+               "a path names a JSONL manifest or a Kaldi dir)" for name, path in extra if not path.exists()]
+    if missing:  # before anything is written
+        raise MissingInputError(missing)
+    result = evaluate(s, variants or s.recipe.eval.variants, contexts, eval_set)
+    if extra:  # the full evaluation also scores the recipe's other test sets
+        result["sets"] = {}
+        for name, path in extra:
+            log(f"[eval] test set {name} ({path})")
+            result["sets"][name] = evaluate(s, s.recipe.eval.variants, None, s.eval_set(path, name, None))["averages"]
+    return result
 
 
 def stage_profile(s: Session, variants: list[str] | None = None, eval_set: EvalSet | None = None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from prune_cli.data.whisper_features import CHUNK_FRAMES
 from prune_cli.data.whisper_tokenizer import WhisperTokenizer
 from prune_cli.errors import CheckpointError, DataError, MissingInputError, UsageError
 from prune_cli.gating.masks import MaskFile
-from prune_cli.gating.predictor import GatePredictor
+from prune_cli.gating.predictor import GatePredictor, LabelVocab
 from prune_cli.model.checkpoint import load_model, read_checkpoint
 from prune_cli.model.s2t import SpeechModel, dims_from_recipe, max_input_frames
 from prune_cli.model.whisper import WhisperModel
@@ -226,7 +226,7 @@ class Session:
             problems.append(f"inputs {blob.get('inputs')} (recipe: {want_inputs})")
         if blob.get("n_modules") != n_modules:
             problems.append(f"{blob.get('n_modules')} modules (the model has {n_modules})")
-        pred = build_predictor(self.recipe, n_modules, want_inputs, blob.get("speakers", []), self.tokenizer.vocab)
+        pred = build_predictor(self.recipe, n_modules, want_inputs, LabelVocab.from_blob(blob), self.tokenizer.vocab)
         if not problems:
             try:
                 pred.load_state_dict(blob["state_dict"])
@@ -273,8 +273,8 @@ def split_spec(recipe: Recipe, split: str) -> SplitSpec:
                      d.on_error, CHUNK_FRAMES if whisper else max_input_frames(), "whisper" if whisper else "fbank")
 
 
-def build_predictor(recipe: Recipe, n_modules: int, inputs: list[str], speakers: list[str], vocab: ContextVocab) -> GatePredictor:
+def build_predictor(recipe: Recipe, n_modules: int, inputs: list[str], labels: LabelVocab, vocab: ContextVocab) -> GatePredictor:
     g = recipe.gates
-    return GatePredictor(n_modules, inputs, g.embed_dim, g.hidden, recipe.features.n_mels, len(speakers), g.init_keep_logit,
+    return GatePredictor(n_modules, inputs, g.embed_dim, g.hidden, recipe.features.n_mels, labels, g.init_keep_logit,
                          len(vocab.tasks), len(vocab.langs))
 

@@ -25,7 +25,7 @@ from prune_cli.data.features import spec_augment
 from prune_cli.engine.masking import exact_cut
 from prune_cli.engine.session import Session, build_predictor, init_distributed
 from prune_cli.errors import TrainingError, UsageError
-from prune_cli.gating.predictor import ContextInputs, GatePredictor, deterministic_gates, gumbel_straight_through, tau_at
+from prune_cli.gating.predictor import ContextInputs, GatePredictor, LabelVocab, deterministic_gates, gumbel_straight_through, tau_at
 from prune_cli.gating.sparsity import SparsitySpec, calibration_shift
 from prune_cli.model.checkpoint import load_model, save_model
 from prune_cli.model.flops import module_flops
@@ -100,11 +100,11 @@ class GateObjective(nn.Module):
     """Task loss through hard-gated modules (Gumbel straight-through) + sparsity loss."""
 
     def __init__(self, model: SpeechModel, predictor: GatePredictor | None, spec: SparsitySpec, session: Session,
-                 speakers: list[str], anneal_steps: int, seed: int, vocab: ContextVocab, calibrated: bool = False,
+                 labels: LabelVocab, anneal_steps: int, seed: int, vocab: ContextVocab, calibrated: bool = False,
                  frozen_from: int | None = None, teacher: SpeechModel | None = None):
         super().__init__()
         self.model, self.predictor, self.spec = model, predictor, spec
-        self.s, self.speakers, self.total, self.seed, self.vocab = session, speakers, anneal_steps, seed, vocab
+        self.s, self.labels, self.total, self.seed, self.vocab = session, labels, anneal_steps, seed, vocab
         self.teacher = teacher  # the dense base, frozen: gates.distill > 0
         # calibrated: the exported mask is cut at exactly the target (static baseline), not the argmax.
         self.calibrated, self.frozen_from = calibrated, frozen_from
@@ -121,8 +121,8 @@ class GateObjective(nn.Module):
         every module kept without a predictor (the `dense_tuned` reference)."""
         if self.predictor is None:
             return torch.ones(len(batch.task), self.model.n_modules, device=batch.feats.device)
-        ctx = ContextInputs.build(batch.task, batch.source_lang, batch.target_lang, batch.speaker,
-                                  batch.feats, batch.feat_lens, self.speakers, self.vocab)
+        ctx = ContextInputs.build(batch.task, batch.source_lang, batch.target_lang, batch.speaker, batch.condition,
+                                  batch.feats, batch.feat_lens, self.labels, self.vocab)
         logits = self.predictor(ctx)
         g = self.s.recipe.gates
         # Evaluation, and training once the predictor is frozen (phased fine-tuning), use the masks prune exports,
@@ -411,14 +411,15 @@ def train_base(s: Session) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def calibrate_thresholds(s: Session, predictor: GatePredictor, spec: SparsitySpec, train: Split, speakers: list[str],
+def calibrate_thresholds(s: Session, predictor: GatePredictor, spec: SparsitySpec, train: Split, labels: LabelVocab,
                          step: int, n: int = 512) -> None:
     """Shift the predictor's skip thresholds (see calibration_shift) on a fixed, evenly spaced set of train utterances."""
     idx = list(range(0, len(train), max(1, len(train) // n)))[:n]
     b = _prepare(train, idx, s, None)
     was_training = predictor.training
     predictor.eval()
-    ctx = ContextInputs.build(b.task, b.source_lang, b.target_lang, b.speaker, b.feats, b.feat_lens, speakers, s.tokenizer.vocab)
+    ctx = ContextInputs.build(b.task, b.source_lang, b.target_lang, b.speaker, b.condition, b.feats, b.feat_lens, labels,
+                              s.tokenizer.vocab)
     logits = predictor(ctx)
     before = {k: round(float(v.mean()), 4) for k, v in spec.sparsity(spec.force_ungated(deterministic_gates(logits))).items()}
     predictor.shift_skip_logits(calibration_shift(logits, spec))
@@ -443,7 +444,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
     train, dev = prepare_data(s)
     model = _load_base(s)
     teacher = _load_base(s).requires_grad_(False) if g.distill > 0 else None
-    speakers = sorted({u.speaker for u in train.utts})
+    labels = LabelVocab.of(train.utts)
     mean_frames = int(sum(f.shape[0] for f in train.feats) / len(train))
     mean_tokens = int(sum(len(s.tokenizer.encode(u.text)) for u in train.utts[:2000]) / min(2000, len(train))) + 5
     flops = module_flops(model, mean_frames, mean_tokens) if g.weighting == "flops" else None
@@ -462,7 +463,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
             p.requires_grad_(joint)
         # No predictor for an unpruned variant: every module kept, the base fine-tuned as the others are.
         inputs = None if v.kind == "unpruned" else (list(g.inputs) if v.context_inputs else [])
-        predictor = None if inputs is None else build_predictor(r, model.n_modules, inputs, speakers, s.tokenizer.vocab).to(s.device)
+        predictor = None if inputs is None else build_predictor(r, model.n_modules, inputs, labels, s.tokenizer.vocab).to(s.device)
         base_group = {"params": list(model.parameters()), "lr": g.base_lr, "name": "base"}
         params: list[dict[str, Any]] = []
         if predictor is not None:
@@ -478,7 +479,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
                 if predictor is not None:
                     params[0]["stop"] = g.freeze_step
         freeze = g.freeze_step if g.phased else None
-        obj = GateObjective(model, predictor, sparsity, s, speakers, g.anneal_steps, seed, s.tokenizer.vocab,
+        obj = GateObjective(model, predictor, sparsity, s, labels, g.anneal_steps, seed, s.tokenizer.vocab,
                             calibrated=exact_cut(r, v.context_inputs), frozen_from=freeze, teacher=teacher)
 
         def train_mode(predictor: GatePredictor | None = predictor, joint: bool = joint) -> None:
@@ -499,7 +500,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
 
         def before_step(step: int, predictor: GatePredictor | None = predictor, at: int | None = calibrate_at) -> None:
             if step == at and predictor is not None:
-                calibrate_thresholds(s, predictor, sparsity, train, speakers, step)
+                calibrate_thresholds(s, predictor, sparsity, train, labels, step)
 
         state = ({"predictor": predictor} if predictor is not None else {}) | ({"model": model} if joint else {})
         spec = LoopSpec(
@@ -510,11 +511,11 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
         )
         metrics = run_loop(spec, train, dev, s)
         if calibrate_at == g.steps and predictor is not None:  # frozen base: after the last step (idempotent on resume)
-            calibrate_thresholds(s, predictor, sparsity, train, speakers, g.steps)
+            calibrate_thresholds(s, predictor, sparsity, train, labels, g.steps)
         if s.dist.is_main:
             if predictor is not None:
                 atomic_torch_save(s.run.predictor_ckpt(v.name), {
-                    "kind": "prune-cli/gates", "inputs": inputs, "speakers": speakers, "n_modules": model.n_modules,
+                    "kind": "prune-cli/gates", "inputs": inputs, **labels.to_blob(), "n_modules": model.n_modules,
                     "state_dict": predictor.state_dict(), "scope": g.scope, "targets": sparsity.targets,
                     "module_flops": flops, "params": count_params(predictor),
                     "min_cross_attention": g.min_cross_attention,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,32 @@ from prune_cli.contexts import ContextVocab
 SKIP, KEEP = 0, 1
 
 
+@dataclass(frozen=True)
+class LabelVocab:
+    """Per-utterance labels a predictor can read, as the training split has them; id 0 is a label training never saw."""
+
+    speakers: tuple[str, ...] = ()
+    conditions: tuple[str, ...] = ()  # acoustic conditions named by the manifest (`condition`: clean, snr10, ...)
+
+    @classmethod
+    def of(cls, utts: Iterable[Any]) -> "LabelVocab":
+        utts = list(utts)
+        return cls(tuple(sorted({u.speaker for u in utts})), tuple(sorted({u.condition for u in utts if u.condition})))
+
+    @classmethod
+    def from_blob(cls, blob: dict[str, Any]) -> "LabelVocab":
+        """From a gate checkpoint or masks.json's meta (those from before conditions have none)."""
+        return cls(tuple(blob.get("speakers", [])), tuple(blob.get("conditions", [])))
+
+    def to_blob(self) -> dict[str, list[str]]:
+        return {"speakers": list(self.speakers), "conditions": list(self.conditions)}
+
+    @staticmethod
+    def ids(labels: Sequence[str], known: Sequence[str], device: torch.device) -> torch.Tensor:
+        index = {x: i + 1 for i, x in enumerate(known)}
+        return torch.tensor([index.get(x, 0) for x in labels], device=device)
+
+
 @dataclass
 class ContextInputs:
     """Predictor inputs for a batch. Built from manifest fields and features, never from targets."""
@@ -22,14 +48,14 @@ class ContextInputs:
     source_lang: torch.Tensor
     target_lang: torch.Tensor
     speaker: torch.Tensor
+    condition: torch.Tensor
     pooled: torch.Tensor  # (B, n_mels) time-pooled normalized features
 
     @classmethod
     def build(
         cls, tasks: Sequence[str], srcs: Sequence[str], tgts: Sequence[str], speakers: Sequence[str],
-        feats: torch.Tensor, lens: torch.Tensor, speaker_vocab: Sequence[str], vocab: ContextVocab,
+        conditions: Sequence[str], feats: torch.Tensor, lens: torch.Tensor, labels: LabelVocab, vocab: ContextVocab,
     ) -> "ContextInputs":
-        spk_index = {s: i + 1 for i, s in enumerate(speaker_vocab)}  # 0 = unseen speaker
         valid = (torch.arange(feats.shape[1], device=feats.device)[None, :] < lens[:, None]).unsqueeze(-1)
         pooled = (feats * valid).sum(1) / lens.clamp_min(1)[:, None]
         dev = feats.device
@@ -37,7 +63,8 @@ class ContextInputs:
             task=torch.tensor([vocab.task_id(t) for t in tasks], device=dev),
             source_lang=torch.tensor([vocab.lang_id(s) for s in srcs], device=dev),
             target_lang=torch.tensor([vocab.lang_id(t) for t in tgts], device=dev),
-            speaker=torch.tensor([spk_index.get(s, 0) for s in speakers], device=dev),
+            speaker=LabelVocab.ids(speakers, labels.speakers, dev),
+            condition=LabelVocab.ids(conditions, labels.conditions, dev),
             pooled=pooled,
         )
 
@@ -47,13 +74,14 @@ class GatePredictor(nn.Module):
 
     def __init__(
         self, n_modules: int, inputs: Sequence[str], embed_dim: int, hidden: int, n_mels: int,
-        n_speakers: int, init_keep_logit: float, n_tasks: int, n_langs: int,
+        labels: LabelVocab, init_keep_logit: float, n_tasks: int, n_langs: int,
     ):
         super().__init__()
         self.inputs = tuple(inputs)
         self.n_modules = n_modules
         self.embeds = nn.ModuleDict()
-        sizes = {"task": n_tasks, "source_lang": n_langs, "target_lang": n_langs, "speaker": n_speakers + 1}
+        sizes = {"task": n_tasks, "source_lang": n_langs, "target_lang": n_langs, "speaker": len(labels.speakers) + 1,
+                 "condition": len(labels.conditions) + 1}
         for name in self.inputs:
             if name == "pooled_features":
                 self.embeds[name] = nn.Sequential(nn.LayerNorm(n_mels), nn.Linear(n_mels, embed_dim))
@@ -88,8 +116,8 @@ class GatePredictor(nn.Module):
 
     @property
     def per_utterance(self) -> bool:
-        """True when gates can differ inside one context (acoustic or speaker inputs)."""
-        return "pooled_features" in self.inputs or "speaker" in self.inputs
+        """True when gates can differ inside one context (acoustic, condition or speaker inputs)."""
+        return bool({"pooled_features", "speaker", "condition"} & set(self.inputs))
 
 
 def gumbel_straight_through(logits: torch.Tensor, tau: float, gen: torch.Generator, noise_scale: float = 1.0) -> torch.Tensor:
