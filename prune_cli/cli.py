@@ -184,6 +184,8 @@ def compare(a: Annotated[str, typer.Argument(help="RUN_DIR[:VARIANT] (variant de
             seed: Annotated[Optional[int], typer.Option(help="Bootstrap seed (default: the seed in a's config.yaml).")] = None,
             replicate: Annotated[Optional[list[Path]], typer.Option("--replicate", "-r", help="Another RUN_DIR holding both variants "
                                  "(e.g. another gate seed): the comparison is repeated there and averaged over the runs. Repeatable.")] = None,
+            test_set: Annotated[Optional[str], typer.Option("--test-set", help="Compare on another test set both runs "
+                                "scored (eval/sets/NAME/) instead of the test split.")] = None,
             json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     """Paired bootstrap of one evaluated variant against another, across two runs on the same test set: the difference of
     each averaged metric, its 95% interval and p. With --replicate, the same comparison in further runs and its mean."""
@@ -194,7 +196,7 @@ def compare(a: Annotated[str, typer.Argument(help="RUN_DIR[:VARIANT] (variant de
 
         run_a, var_a = parse_run_variant(a, CONTEXT.name)
         run_b, var_b = parse_run_variant(b, var_a)
-        out = compare_runs((run_a, var_a), (run_b, var_b), samples, seed, replicate or [])
+        out = compare_runs((run_a, var_a), (run_b, var_b), samples, seed, replicate or [], test_set)
         emit(out, json_out, lambda: print_tables(comparison_table(out), *([replicated_table(out)] if "replicated" in out else [])))
 
 

@@ -258,6 +258,15 @@ def test_compare_across_runs_repeats_evals_bootstrap_and_rejects_another_test_se
     assert pair["metrics"] == expected["metrics"]
     assert doc["utterances"] == sum(c["n"] for c in ev["variants"]["dense"].values())
     assert doc["bleu_unscorable"] == ev["bleu_unscorable"] and doc["b"] == {"run": str(other), "variant": "static"}
+    # on a robustness set both scored: the same numbers as that set's own eval comparison
+    es = read_json(smoke_run / "eval" / "sets" / "test_noise_10db" / "summary.json")
+    r = cli("compare", f"{smoke_run}:context", f"{other}:static", "--test-set", "nosuch", "--json")
+    assert r.returncode == 1 and "eval/sets/nosuch/utterances.jsonl: missing" in r.stderr, r.stderr
+    r = cli("compare", f"{smoke_run}:context", f"{smoke_run}:static", "--test-set", "test_noise_10db", "--samples",
+            str(es["comparisons"]["samples"]), "--json")
+    assert r.returncode == 0, r.stderr
+    (pair,) = json.loads(r.stdout)["comparisons"]["pairs"]
+    assert pair["metrics"] == next(p for p in es["comparisons"]["pairs"] if (p["a"], p["b"]) == ("context", "static"))["metrics"]
     r = cli("compare", str(smoke_run), str(other), "--samples", "50")  # default variant: context in both
     assert r.returncode == 0 and "paired bootstrap" in r.stdout, r.stderr
 

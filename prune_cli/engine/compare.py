@@ -151,11 +151,13 @@ def parse_run_variant(spec: str, default_variant: str) -> tuple[Path, str]:
     return Path(spec), default_variant
 
 
-def read_eval_hyps(run_dir: Path, variant: str) -> dict[str, dict[str, tuple[str, str]]]:
-    """A run's full eval of one variant: context -> utt_id -> (ref, hyp), from eval/utterances.jsonl."""
-    path = run_dir / "eval" / "utterances.jsonl"
+def read_eval_hyps(run_dir: Path, variant: str, test_set: str | None = None) -> dict[str, dict[str, tuple[str, str]]]:
+    """A run's full eval of one variant: context -> utt_id -> (ref, hyp), from eval/utterances.jsonl, or from
+    eval/sets/<test_set>/utterances.jsonl for another test set."""
+    path = run_dir / "eval" / ("sets/" + test_set if test_set else "") / "utterances.jsonl"
     if not path.is_file():
-        raise MissingInputError(f"{path}: missing (a full `prune-cli eval` of {run_dir} writes it)")
+        how = f"an eval with eval.sets or --manifest ... --name {test_set}" if test_set else "a full `prune-cli eval`"
+        raise MissingInputError(f"{path}: missing ({how} of {run_dir} writes it)")
     rows: dict[str, dict[str, dict[str, tuple[str, str]]]] = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
@@ -195,7 +197,7 @@ def _test_set_problems(ref: tuple[Path, Mapping[str, Mapping[str, tuple[str, str
 
 
 def compare_runs(a: tuple[Path, str], b: tuple[Path, str], n_samples: int, seed: int | None,
-                 replicates: Sequence[Path] = ()) -> dict[str, Any]:
+                 replicates: Sequence[Path] = (), test_set: str | None = None) -> dict[str, Any]:
     """Paired bootstrap of variant a (in its run) against variant b (in its run) on the test utterances both
     evaluated, e.g. a recipe change against the recipe it changed. The two must hold the same test set: the same
     utterances with the same references in every context. Seed: run a's, unless given.
@@ -208,7 +210,7 @@ def compare_runs(a: tuple[Path, str], b: tuple[Path, str], n_samples: int, seed:
     if len(set(labels)) < len(labels):
         twice = sorted({x for x in labels if labels.count(x) > 1})
         raise UsageError([f"{x} compared with itself" if len(sides) == 1 else f"{x} given twice" for x in twice])
-    evals = {f"{run}:{var}": (run, read_eval_hyps(run, var)) for side in sides for run, var in side}
+    evals = {f"{run}:{var}": (run, read_eval_hyps(run, var, test_set)) for side in sides for run, var in side}
     reference = evals[labels[0]]
     problems = [p for label in labels[1:] for p in _test_set_problems(reference, evals[label])]
     if problems:
@@ -224,6 +226,7 @@ def compare_runs(a: tuple[Path, str], b: tuple[Path, str], n_samples: int, seed:
     # Scored and resampled once: each run's own comparison and their mean read the same resamples.
     avg = _resampled_averages(tasks, refs, hyps, labels, n_samples, seed, unscorable)
     out = {"a": {"run": str(run_a), "variant": var_a}, "b": {"run": str(run_b), "variant": var_b}, "seed": seed,
+           "test_set": test_set or "test",
            "utterances": sum(len(r) for r in refs.values()), "bleu_unscorable": sorted(unscorable),
            "comparisons": _pair_differences(avg, pairs, n_samples)}
     if replicates:
