@@ -116,6 +116,8 @@ class GatesConfig:
     # least this many decoder cross-attentions, trading them for the decoder's other modules at the same module
     # count. Without one the decoder never sees the audio. 0: masks as the gates chose them.
     min_cross_attention: int = 1
+    # Modules no learned mask skips (names or fnmatch patterns, e.g. encoder.0.attn); the targets fall on the others.
+    always_run: list[str] = field(default_factory=list)
     alpha: float = 5.0
     target_warmup_steps: int = 200
     tau_start: float = 1.0

@@ -299,3 +299,29 @@ def test_condition_labels_come_from_the_training_vocabulary_and_unseen_ones_shar
     logits = pred(ctx)
     assert not torch.allclose(logits[0], logits[2])  # both asr; clean vs snr10
     assert LabelVocab.from_blob(LABELS.to_blob()) == LABELS and LabelVocab.from_blob({"speakers": ["a"]}).conditions == ()
+
+
+def test_always_run_modules_are_never_skipped_and_the_targets_fall_on_the_others() -> None:
+    from prune_cli.gating.sparsity import calibration_shift, exact_sparsity_gates
+
+    model = SpeechModel(DIMS)
+    names = [m.name for m in model.modules_list]
+    first = [i for i, n in enumerate(names) if n.startswith("encoder.0.")]
+    logits = torch.randn(64, model.n_modules, 2, generator=torch.Generator().manual_seed(5))
+    logits[:, first, 0] += 10.0  # the predictor would rather skip the first encoder layer than anything else
+    free = SparsitySpec.build(model.modules_list, "both", {"encoder": 0.25, "decoder": 0.5}, None)
+    assert exact_sparsity_gates(logits, free)[:, first].eq(0).all()
+    spec = SparsitySpec.build(model.modules_list, "both", {"encoder": 0.25, "decoder": 0.5}, None,
+                              always_run=["encoder.0.*"])
+    assert spec.gated.sum() == model.n_modules - len(first) and not spec.gated[first].any()
+    keep = spec.deployed_gates(logits, exact=True)
+    assert keep[:, first].eq(1).all()
+    sp = spec.sparsity(keep)
+    assert torch.allclose(sp["encoder"], torch.tensor(0.25)) and torch.allclose(sp["decoder"], torch.tensor(0.5))
+    # the calibrated argmax also leaves them alone and meets the scope's target with the other modules
+    shifted = logits.clone()
+    shifted[..., 0] += calibration_shift(logits, spec)
+    argmax = spec.force_ungated(deterministic_gates(shifted))
+    assert argmax[:, first].eq(1).all() and abs(float(spec.sparsity(argmax)["encoder"].mean()) - 0.25) < 0.05
+    again = SparsitySpec.for_targets(model.modules_list, spec.targets, None, 0, ["encoder.0.*"])
+    assert torch.equal(again.gated, spec.gated)

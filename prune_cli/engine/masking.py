@@ -75,7 +75,7 @@ def utterance_patterns(
 
 def spec_from_masks(model: SpeechModel, masks: MaskFile) -> SparsitySpec:
     return SparsitySpec.for_targets(model.modules_list, masks.meta.get("targets", {}), None,
-                                    masks.meta.get("min_cross_attention", 0))
+                                    masks.meta.get("min_cross_attention", 0), masks.meta.get("always_run", []))
 
 
 def group_by_pattern(split: Split, idx: Sequence[int], patterns: Sequence[Keep | None]) -> dict[tuple[str, Keep | None], list[int]]:

@@ -42,7 +42,8 @@ def export_masks(s: Session) -> MaskFile:
     targets: dict[str, float] = ctx_ckpt["targets"]
     # Same weighting as training (module count, or FLOPs), so calibrated masks hit the target in the same units.
     floor = ctx_ckpt.get("min_cross_attention", 0)  # gate checkpoints from before the floor have none
-    spec = SparsitySpec.for_targets(model.modules_list, targets, ctx_ckpt["module_flops"], floor)
+    always_run = ctx_ckpt.get("always_run", [])
+    spec = SparsitySpec.for_targets(model.modules_list, targets, ctx_ckpt["module_flops"], floor, always_run)
     labels = LabelVocab.from_blob(ctx_ckpt)
     mean_frames = int(sum(f.shape[0] for f in train.feats) / len(train))
     flops = ctx_ckpt["module_flops"] or module_flops(model, mean_frames, 12)
@@ -80,7 +81,7 @@ def export_masks(s: Session) -> MaskFile:
         variants=variants, stats=stats, per_utterance=per_utt, variant_weights=own_base,
         meta={"targets": targets, "scope": ctx_ckpt["scope"], **labels.to_blob(), "module_flops": flops,
               "reference_utterance": {"frames": mean_frames, "tokens": 12}, "recipe_hash": s.run.stage_hash("prune"),
-              "context_exact_cut": context_exact, "min_cross_attention": floor,
+              "context_exact_cut": context_exact, "min_cross_attention": floor, "always_run": always_run,
               "cross_attention_restored": restored},
     )
     mf.save(s.run.masks)

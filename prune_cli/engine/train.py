@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Callable
 
@@ -449,7 +450,11 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
     mean_tokens = int(sum(len(s.tokenizer.encode(u.text)) for u in train.utts[:2000]) / min(2000, len(train))) + 5
     flops = module_flops(model, mean_frames, mean_tokens) if g.weighting == "flops" else None
     sparsity = SparsitySpec.build(model.modules_list, g.scope, {"encoder": g.target.encoder, "decoder": g.target.decoder},
-                                  flops, g.min_cross_attention)
+                                  flops, g.min_cross_attention, g.always_run)
+    unmatched = [p for p in g.always_run if not any(fnmatchcase(m.name, p) for m in model.modules_list)]
+    if unmatched:
+        raise UsageError([f"gates.always_run: {p!r} matches no prunable module (e.g. {model.modules_list[0].name})"
+                          for p in unmatched])
     results: dict[str, dict[str, float]] = {}
     for n, v in enumerate(x for x in TRAINED if r.enabled(x.name)):
         name = str(v.loop)
@@ -518,7 +523,7 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
                     "kind": "prune-cli/gates", "inputs": inputs, **labels.to_blob(), "n_modules": model.n_modules,
                     "state_dict": predictor.state_dict(), "scope": g.scope, "targets": sparsity.targets,
                     "module_flops": flops, "params": count_params(predictor),
-                    "min_cross_attention": g.min_cross_attention,
+                    "min_cross_attention": g.min_cross_attention, "always_run": list(g.always_run),
                 })
             if joint:
                 save_model(s.run.finetuned_ckpt_for(v.name), model.cpu())

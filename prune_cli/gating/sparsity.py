@@ -6,6 +6,8 @@ loss = alpha * (|s - t| + (s - t)^2) per gated scope, with the target t warmed u
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Sequence
 
 import torch
 
@@ -29,8 +31,10 @@ class SparsitySpec:
     @classmethod
     def build(
         cls, modules: list[PrunableModule], scope: str, targets: dict[str, float], module_flops: dict[str, int] | None,
-        min_cross_attention: int = 0,
+        min_cross_attention: int = 0, always_run: Sequence[str] = (),
     ) -> "SparsitySpec":
+        """`always_run`: module names or fnmatch patterns (gates.always_run) that no learned mask skips; the scope's
+        target is then met by its other modules."""
         if module_flops is not None:
             w = torch.tensor([float(module_flops[m.name]) for m in modules])
             w = w / w.mean()
@@ -41,17 +45,19 @@ class SparsitySpec:
         gated = torch.zeros(len(modules), dtype=torch.bool)
         for s in scopes:
             gated |= masks[s]
+        gated &= torch.tensor([not any(fnmatchcase(m.name, p) for p in always_run) for m in modules])
         cross = torch.tensor([m.kind == "src_attn" for m in modules])
         return cls(w, masks, gated, {s: targets[s] for s in scopes}, cross, min_cross_attention)
 
     @classmethod
     def for_targets(
         cls, modules: list[PrunableModule], targets: dict[str, float], module_flops: dict[str, int] | None,
-        min_cross_attention: int = 0,
+        min_cross_attention: int = 0, always_run: Sequence[str] = (),
     ) -> "SparsitySpec":
         """Rebuild a trained spec from its gated targets alone (as stored in gate checkpoints and mask files)."""
         scope = "both" if len(targets) == 2 else next(iter(targets), "decoder")
-        return cls.build(modules, scope, {"encoder": 0.0, "decoder": 0.0} | targets, module_flops, min_cross_attention)
+        return cls.build(modules, scope, {"encoder": 0.0, "decoder": 0.0} | targets, module_flops, min_cross_attention,
+                         always_run)
 
     def deployed_gates(self, logits: torch.Tensor, exact: bool) -> torch.Tensor:
         """(N, M) binary keep gates of the masks prune exports and the frozen phase trains under: cut at exactly the
@@ -108,8 +114,8 @@ def exact_sparsity_gates(logits: torch.Tensor, spec: SparsitySpec) -> torch.Tens
     keep = torch.ones_like(margin)
     w = spec.weights.double()
     for scope, target in spec.targets.items():
-        idx = torch.nonzero(spec.scope_mask[scope]).flatten()
-        total = float(spec.weights[idx].sum())
+        total = float(spec.weights[spec.scope_mask[scope]].sum())
+        idx = torch.nonzero(spec.scope_mask[scope] & spec.gated).flatten()  # always-run modules are never cut
         order = idx[torch.argsort(margin[:, idx], dim=-1, descending=True, stable=True)]  # (N, S) module ids
         ws = w[order]
         skipped_before = torch.cat([ws.new_zeros(ws.shape[0], 1), ws.cumsum(-1)[:, :-1]], -1)
@@ -131,12 +137,13 @@ def calibration_shift(logits: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
     shift = torch.zeros(margin.shape[-1])
     w = spec.weights
     for scope, target in spec.targets.items():
-        idx = torch.nonzero(spec.scope_mask[scope]).flatten()
+        idx = torch.nonzero(spec.scope_mask[scope] & spec.gated).flatten()
+        scope_weight = w[spec.scope_mask[scope]].sum()
         m = margin[:, idx]
         values = torch.unique(m)
         # thresholds: the current one (0), and one between each pair of neighbouring margins and beyond both ends
         cands = torch.cat([torch.zeros(1), (values[1:] + values[:-1]) / 2, values[:1] - 1, values[-1:] + 1])
-        skipped = ((m[None] > cands[:, None, None]).float() * w[idx]).sum(-1) / w[idx].sum()  # (K, N)
+        skipped = ((m[None] > cands[:, None, None]).float() * w[idx]).sum(-1) / scope_weight  # (K, N)
         err = (skipped.mean(-1) - target).abs()
         best = min(range(len(cands)), key=lambda k: (round(float(err[k]), 9), abs(float(cands[k]))))
         shift[idx] = -cands[best]
