@@ -72,8 +72,10 @@ def test_eval_manifest_scores_its_own_set_and_leaves_the_run_alone(run: Path, ex
     r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(run), "--stages", "report")
     assert r.returncode == 0, r.stderr
     report = (run / "report.md").read_text()
-    main = report_before.split("## Masks")[0]
-    assert report.startswith(main) and f"## Test set extra ({extra})" in report and "st:de-fr -> st:de-en" in report
+    main = report_before.split("## Robustness")[0]  # the test split's quality section, first in the report
+    assert "## Quality (test split)" in main and report.startswith(main)
+    assert f"## Test set extra ({extra})" in report and "st:de-fr -> st:de-en" in report
+    assert "| extra | avg WER |" in report.split("## Robustness")[1]  # and a row in the table of every set
 
 
 def test_the_static_fallback_serves_unseen_contexts_with_the_static_mask(run: Path, extra: Path, smoke_corpus: list[str]) -> None:

@@ -18,7 +18,7 @@ from prune_cli.recipe import build_recipe, load_recipe_raw
 
 SETS = [RobustSetConfig(name="test_unseen_voices", voices="heldout", per_context=2),
         RobustSetConfig(name="test_noise_10db", snr_db=10.0, per_context=4)]
-SMALL = SynthConfig(languages=["en", "de"], st_pairs=["de-en"], n_train=40, n_dev=6, n_test=6, max_number=999,
+SMALL = SynthConfig(languages=["en", "de"], st_pairs=["de-en"], n_train=24, n_dev=6, n_test=6, max_number=999,
                     voices_per_lang=2, augment=AugmentConfig(clean_share=0.2, reverb_share=0.3), test_sets=SETS)
 
 
@@ -34,16 +34,15 @@ def test_augmented_corpus_is_the_same_bytes_from_the_same_seed(tmp_path: Path) -
     digests = []
     for k, workers in enumerate((2, 1)):  # chunks scheduled over 2 workers vs one after another
         cfg = replace(SMALL, out_dir=str(tmp_path / f"a{k}"), workers=workers)
-        build_corpus(cfg, tmp_path / f"m{k}", 16000, seed=5, chunk=8)
+        build_corpus(cfg, tmp_path / f"m{k}", 16000, seed=5, chunk=12)  # train in 2 chunks, each in its own process
         digests.append(_digest(tmp_path / f"a{k}"))
-    assert digests[0] == digests[1] and len(digests[0]) == 52 + 2 * 3 + 4 * 3
+    assert digests[0] == digests[1] and len(digests[0]) == 36 + 2 * 3 + 4 * 3
     rows = _rows(tmp_path / "m0" / "train.jsonl")
     noises = {r["meta"]["noise"] for r in rows}
     assert {"none"} < noises and any(r["meta"]["rt60"] > 0 for r in rows), "augmentation drew no noise or no room"
     assert {r["condition"] for r in _rows(tmp_path / "m0" / "test_noise_10db.jsonl")} == {"snr10"}
-    other = replace(SMALL, out_dir=str(tmp_path / "b"))
-    build_corpus(other, tmp_path / "mb", 16000, seed=6, chunk=8)
-    assert _digest(tmp_path / "b") != digests[0]
+    other = plan_corpus(SMALL, seed=6)  # another seed: another plan, down to the noise draws
+    assert [(s.voice, s.noise, s.snr_db) for s in other] != [(s.voice, s.noise, s.snr_db) for s in plan_corpus(SMALL, seed=5)]
 
 
 def test_held_out_voices_never_reach_train_or_dev() -> None:
