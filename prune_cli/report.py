@@ -53,9 +53,8 @@ def comparison_rows(summary: dict[str, Any]) -> list[list[str]]:
     rows = []
     for pair in summary.get("comparisons", {}).get("pairs", []):
         for metric, m in pair["metrics"].items():
-            lo, hi = m["ci95"]
             rows.append([f"{pair['a']} vs {pair['b']}", metric.upper(), f"{m['a']:.2f}", f"{m['b']:.2f}",
-                         f"{m['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{m['p']:.3f}"])
+                         _with_interval(m), f"{m['p']:.3f}"])
     return rows
 
 
@@ -273,9 +272,14 @@ def _diff(summary: dict[str, Any], a: str, b: str, metric: str) -> str:
     for pair in summary.get("comparisons", {}).get("pairs", []):
         m = pair["metrics"].get(metric)
         if pair["a"] == a and pair["b"] == b and m:
-            lo, hi = m["ci95"]
-            return f"{m['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+            return _with_interval(m)
     return "-"
+
+
+def _with_interval(m: dict[str, Any]) -> str:
+    """A bootstrap difference with its 95% interval: +1.23 [-0.40, +2.90]."""
+    lo, hi = m["ci95"]
+    return f"{m['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
 
 def robustness_rows(ev: dict[str, Any], sets: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -284,8 +288,8 @@ def robustness_rows(ev: dict[str, Any], sets: list[dict[str, Any]]) -> tuple[lis
     variants = list(ev.get("averages", {}))
     ref = DENSE_TUNED.name if DENSE_TUNED.name in variants else DENSE.name
     pruned = [v for v in variants if VARIANTS[v].kind != "unpruned"]
-    header = ["test set", "metric"] + variants + [f"{v} - {ref}" for v in pruned]
-    header += [f"{CONTEXT.name} - {b}" for b in pruned if b != CONTEXT.name and CONTEXT.name in pruned]
+    baselines = [b for b in pruned if b != CONTEXT.name] if CONTEXT.name in pruned else []
+    header = ["test set", "metric"] + variants + [f"{v} - {ref}" for v in pruned] + [f"{CONTEXT.name} - {b}" for b in baselines]
     rows = []
     for name, summary in [("test", ev)] + [(es["set"]["name"], es) for es in sets]:
         for metric in ("wer", "bleu"):
@@ -294,7 +298,7 @@ def robustness_rows(ev: dict[str, Any], sets: list[dict[str, Any]]) -> tuple[lis
                 continue
             row = [name, f"avg {metric.upper()}"] + [_num(avg.get(v, {}).get(metric)) for v in variants]
             row += [_diff(summary, v, ref, metric) for v in pruned]
-            row += [_diff(summary, CONTEXT.name, b, metric) for b in pruned if b != CONTEXT.name and CONTEXT.name in pruned]
+            row += [_diff(summary, CONTEXT.name, b, metric) for b in baselines]
             rows.append(row)
         kept = summary.get("sparsity", {})  # the masks decoded on this set (they differ between sets with acoustic inputs)
         if any(v in kept for v in pruned):

@@ -235,7 +235,7 @@ def plan_corpus(cfg: SynthConfig, seed: int) -> list[UttSpec]:
                 n = _sample_number(rng, form, cfg.max_number)
                 if number_split(seed, form, n, shares) != split:
                     continue
-                voices = VOICE_VARIANTS[: cfg.voices_per_lang]
+                voices = clean_voices(cfg)
                 variant = voices[int(rng.integers(len(voices)))]
                 specs.append(UttSpec(
                     utt_id=f"{split}-{task}-{src}{tgt}-{made:05d}", split=split, task=task, source_lang=src,
@@ -254,10 +254,15 @@ def plan_corpus(cfg: SynthConfig, seed: int) -> list[UttSpec]:
     return specs
 
 
+def clean_voices(cfg: SynthConfig) -> list[str]:
+    """The variants of the clean splits (and of train without augment): the first voices_per_lang."""
+    return list(VOICE_VARIANTS[: cfg.voices_per_lang])
+
+
 def training_voices(cfg: SynthConfig) -> list[str]:
     """The variants train may use: with augment, every eSpeak NG variant but the held-out ones."""
     if cfg.augment is None:
-        return list(VOICE_VARIANTS[: cfg.voices_per_lang])
+        return clean_voices(cfg)
     return [v for v in voice_variants() if v not in cfg.heldout_voices]
 
 
@@ -288,7 +293,7 @@ def _plan_test_set(ts: RobustSetConfig, k: int, contexts: list[tuple[str, str, s
                    shares: tuple[float, float]) -> list[UttSpec]:
     """A robustness set: test numbers only (never in train), per_context utterances per context, noise types in turn."""
     rng = np.random.default_rng([seed, 1000 + k])
-    voices = list(cfg.heldout_voices) if ts.voices == "heldout" else list(VOICE_VARIANTS[: cfg.voices_per_lang])
+    voices = list(cfg.heldout_voices) if ts.voices == "heldout" else clean_voices(cfg)
     rate_range = ts.rate_range or cfg.rate_range
     pitch_range = ts.pitch_range or cfg.pitch_range
     specs = []
