@@ -67,11 +67,11 @@ def train(recipe: RecipeArg, stage: Annotated[str, typer.Option(help="base | gat
           quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
     """Train the base model (stage base) and/or the gate predictors (stage gates). Rerun to resume."""
     with guarded(debug, json_out, quiet):
-        from prune_cli.engine.runner import run_stages
-
         if stage not in ("base", "gates", "all"):
             raise UsageError(f"--stage {stage!r}: expected base, gates or all")
         s, path, _ = open_session(recipe, override_list(set_, overrides), run_dir, device)
+        from prune_cli.engine.runner import run_stages
+
         # One named stage always runs (and resumes); `all` skips the ones that are current.
         out = run_stages(s, ["base", "gates"] if stage == "all" else [stage], [], str(path), [], skip_current=stage == "all")
         done = [k for k, v in out.items() if v != "skipped"]
@@ -85,10 +85,10 @@ def prune(recipe: RecipeArg, materialize: Annotated[bool, typer.Option(help="Als
           json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
     """Export one binary mask per context (and baselines) to masks.json, with a heatmap."""
     with guarded(debug, json_out, quiet):
+        s, _, _ = open_session(recipe, override_list(set_, overrides), run_dir, device)
         from prune_cli.engine.runner import run_stage
         from prune_cli.report import kept_table
 
-        s, _, _ = open_session(recipe, override_list(set_, overrides), run_dir, device)
         out = run_stage(s, "prune", materialize=materialize or None)
         emit(out, json_out, lambda: print_tables(kept_table(out["kept"])))
 
@@ -103,13 +103,14 @@ def eval_(recipe: RecipeArg, variants: VariantsOpt = None,
           json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
     """Decode each context with each variant; WER/CER for ASR, BLEU/chrF for ST."""
     with guarded(debug, json_out, quiet):
+        check_set_options(manifest, name, context)
+        chosen = variant_list(variants)
+        s, _, _ = open_session(recipe, override_list(set_, overrides), run_dir, device)
         from prune_cli.engine.evaluate import quality_gate
         from prune_cli.engine.runner import run_stage
         from prune_cli.report import comparison_table, eval_table
 
-        check_set_options(manifest, name, context)
-        s, _, _ = open_session(recipe, override_list(set_, overrides), run_dir, device)
-        summary = run_stage(s, "eval", variants=variant_list(variants), contexts=csv_list(contexts), eval_set=extra_set(s, manifest, name, context))
+        summary = run_stage(s, "eval", variants=chosen, contexts=csv_list(contexts), eval_set=extra_set(s, manifest, name, context))
         emit(summary, json_out, lambda: print_tables(eval_table(summary), *([comparison_table(summary)] if summary.get("comparisons") else [])))
         fails = quality_gate(summary, max_wer if max_wer is not None else s.recipe.eval.max_wer,
                              min_bleu if min_bleu is not None else s.recipe.eval.min_bleu)
@@ -126,12 +127,13 @@ def profile(recipe: RecipeArg, variants: VariantsOpt = None,
             debug: DebugOpt = False) -> None:
     """FLOPs and latency of dense vs pruned variants under eval's decoding, greedy beside it (CUDA events / perf_counter)."""
     with guarded(debug, json_out, quiet):
+        check_set_options(manifest, name, context)
+        chosen = variant_list(variants)
+        s, _, _ = open_session(recipe, override_list(set_, overrides), run_dir, device)
         from prune_cli.engine.runner import run_stage
         from prune_cli.report import profile_table
 
-        check_set_options(manifest, name, context)
-        s, _, _ = open_session(recipe, override_list(set_, overrides), run_dir, device)
-        summary = run_stage(s, "profile", variants=variant_list(variants), eval_set=extra_set(s, manifest, name, context))
+        summary = run_stage(s, "profile", variants=chosen, eval_set=extra_set(s, manifest, name, context))
         emit(summary, json_out, lambda: print_tables(profile_table(summary)))
 
 
@@ -145,9 +147,7 @@ def run(recipe: RecipeArg,
         json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
     """Run the whole pipeline, skipping stages whose outputs are current for this config; then the recipe's sweep."""
     with guarded(debug, json_out, quiet):
-        from prune_cli.engine.reproduce import check_messages, check_report
-        from prune_cli.engine.runner import parse_sweep, run_pipeline
-        from prune_cli.report import headline_table, robustness_table
+        from prune_cli.recipe import parse_sweep
         from prune_cli.runs import STAGES
 
         names = [*STAGES, "sweep"]
@@ -159,6 +159,10 @@ def run(recipe: RecipeArg,
         sets = override_list(set_, overrides)
         points = parse_sweep(sweep) if sweep else None
         s, path, raw = open_session(recipe, sets, run_dir, device)
+        from prune_cli.engine.reproduce import check_messages, check_report
+        from prune_cli.engine.runner import run_pipeline
+        from prune_cli.report import headline_table, robustness_table
+
         result = run_pipeline(s, raw, str(path), sets, chosen, list(force or []), points)
         out: dict[str, Any] = {"run_dir": str(s.run.path), "stages": {k: ("done" if v != "skipped" else v) for k, v in result.items()}}
         check = check_report(s.run.path, check_against, s.recipe.check) if check_against is not None else None

@@ -363,6 +363,17 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     return tuple(key.strip().split(".")), parsed
 
 
+def parse_sweep(text: str) -> list[dict[str, Any]]:
+    """--sweep key.path=v1,v2,... as sweep points: [{key.path: v1}, {key.path: v2}, ...]."""
+    if "=" not in text:
+        raise UsageError(f"--sweep {text!r}: expected key.path=v1,v2,...")
+    key, values = text.split("=", 1)
+    vals = [v for v in values.split(",") if v != ""]
+    if len(vals) < 1:
+        raise UsageError(f"--sweep {text!r}: no values")
+    return [{key.strip(): parse_override(f"{key}={v}")[1]} for v in vals]
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return apply_values(raw, [parse_override(text) for text in overrides])
 
@@ -599,6 +610,13 @@ def _synth_problems(cfg: SynthConfig) -> list[str]:
             errs.append(f"data.synth.forms: num2words has no {form} numbers in {lang!r}")
     if cfg.max_number < 10:
         errs.append("data.synth.max_number: must be >= 10")
+    n_contexts = len(cfg.languages) + sum(1 for pair in cfg.st_pairs if pair.split("-")[0] in cfg.languages)
+    for key in ("n_train", "n_dev", "n_test"):  # every split needs each context at least once
+        if getattr(cfg, key) < max(1, n_contexts):
+            errs.append(f"data.synth.{key}: at least one utterance per context ({n_contexts}), got {getattr(cfg, key)}")
+    for key in ("voices_per_lang", "workers"):
+        if getattr(cfg, key) < 1:
+            errs.append(f"data.synth.{key}: at least 1, got {getattr(cfg, key)}")
     return errs + _variation_problems(cfg)
 
 

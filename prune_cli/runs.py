@@ -14,10 +14,7 @@ import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
-
-import numpy as np
-import torch
+from typing import IO, TYPE_CHECKING, Any
 
 from prune_cli import __version__
 from prune_cli.atomic import atomic_write_json, atomic_write_text
@@ -25,6 +22,9 @@ from prune_cli.data.manifest import split_fingerprint
 from prune_cli.errors import RunDirInUse
 from prune_cli.recipe import Recipe, to_yaml
 from prune_cli.variants import VARIANTS
+
+if TYPE_CHECKING:  # torch is imported where it is used: `run`'s argument checks stay fast
+    import torch
 
 # Which recipe sections each stage's output depends on. A stage is complete when its marker holds this hash.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -44,6 +44,9 @@ STAGES = ("synth", "base", "gates", "prune", "eval", "profile", "report")
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -51,6 +54,8 @@ def seed_everything(seed: int) -> None:
 
 def derived_generator(seed: int, *salt: int) -> torch.Generator:
     """A generator for one purpose (SpecAugment at step k, Gumbel noise at step k, ...), reproducible on resume."""
+    import torch
+
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + sum((i + 1) * 7919 * s for i, s in enumerate(salt))) % (2**63))
     return g
@@ -90,6 +95,8 @@ BITWISE_ENV_KEYS: tuple[str, ...] = ("torch", "device", "device_name", "cpu_mode
 
 
 def env_info(device: str, seed: int) -> dict[str, Any]:
+    import numpy as np
+    import torch
     import torchaudio
 
     info: dict[str, Any] = {

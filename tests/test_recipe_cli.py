@@ -82,6 +82,34 @@ def test_semantic_checks() -> None:
     assert e.value.problems == ["<recipe>: gates.min_cross_attention: must be in [0, model.dec_layers=4], got 5"]
 
 
+def test_every_split_needs_each_synthesized_context() -> None:
+    # ci_smoke speaks 5 languages and 6 translation pairs: 11 contexts
+    with pytest.raises(UsageError) as e:
+        load_recipe("ci_smoke", ["data.synth.n_train=-3", "data.synth.n_test=10", "data.synth.workers=0"])
+    assert e.value.problems == [
+        f"{Path('recipes/ci_smoke.yaml').resolve()}: data.synth.n_train: at least one utterance per context (11), got -3",
+        f"{Path('recipes/ci_smoke.yaml').resolve()}: data.synth.n_test: at least one utterance per context (11), got 10",
+        f"{Path('recipes/ci_smoke.yaml').resolve()}: data.synth.workers: at least 1, got 0"]
+    load_recipe("ci_smoke", ["data.synth.n_test=11"])
+
+
+def test_a_bad_recipe_fails_before_torch_is_imported(tmp_path: Path) -> None:
+    """Shell loops over recipes fail fast: every stage command validates the recipe and its flags first."""
+    import subprocess
+    import sys
+
+    probe = ("import atexit, sys; atexit.register(lambda: print('torch' in sys.modules, file=sys.stderr)); "
+             "sys.argv = ['prune-cli', *sys.argv[1:]]; from prune_cli.cli import main; main()")
+    for args in (["run", "ci_smoke", "model.heads=3"], ["train", "ci_smoke", "--set", "base.steps=lots"],
+                 ["eval", "ci_smoke", "--variants", "dense,nope"], ["profile", "ci_smoke", "eval.beam_size=0"],
+                 ["prune", "ci_smoke", "gates.scope=middle"], ["data", "synth", "ci_smoke", "data.synth.n_dev=0"],
+                 ["run", "ci_smoke", "--stages", "base,nope"], ["run", "ci_smoke", "--sweep", "gates.target.decoder"]):
+        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert lines[0].startswith("error:") and lines[-1] == "False", (args, r.stderr)
+
+
 def test_validate_exits_2_with_close_match(tmp_path: Path) -> None:
     rec = write(tmp_path / "bad.yaml", "name: x\ngates:\n  scpoe: decoder\n")
     r = cli("recipe", "validate", str(rec))
@@ -173,7 +201,7 @@ def test_recipe_sweep_points_are_validated_one_line_each(tmp_path: Path) -> None
 
 
 def test_parse_sweep_makes_one_typed_point_per_value() -> None:
-    from prune_cli.engine.runner import parse_sweep
+    from prune_cli.recipe import parse_sweep
 
     assert parse_sweep("gates.target.decoder=0.25,0.5") == [{"gates.target.decoder": 0.25}, {"gates.target.decoder": 0.5}]
     assert parse_sweep("gates.inputs=[task]") == [{"gates.inputs": ["task"]}]

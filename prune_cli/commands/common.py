@@ -86,14 +86,17 @@ def variant_list(value: str | None) -> list[str] | None:
 
 
 def open_session(recipe: str, sets: list[str], run_dir: str | None, device: str):  # noqa: ANN201
-    """The recipe (validated once, here), its run dir locked, the device: what every stage needs."""
-    from prune_cli.engine.session import Session, resolve_device
+    """The recipe (validated once, here), its run dir locked, the device: what every stage needs.
+
+    The recipe is checked before torch is imported, so a bad recipe fails in well under a second."""
     from prune_cli.recipe import load_recipe_raw
-    from prune_cli.runs import RunDir
 
     if run_dir is not None and not run_dir.strip():
         raise UsageError("--run-dir: empty path")
     r, path, raw = load_recipe_raw(recipe, sets)
+    from prune_cli.engine.session import Session, resolve_device
+    from prune_cli.runs import RunDir
+
     dev = resolve_device(device)
     run = RunDir(Path(run_dir) if run_dir else Path("runs") / r.name, r)
     run.open(str(dev))

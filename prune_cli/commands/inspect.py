@@ -52,11 +52,12 @@ def data_synth(recipe: RecipeArg, overrides: OverridesArg = None, set_: SetOpt =
                quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
     """Build the multilingual demo corpus (eSpeak NG + num2words) and its manifests."""
     with guarded(debug, json_out, quiet):
-        from prune_cli.engine.runner import synthesize
         from prune_cli.recipe import load_recipe
-        from prune_cli.report import corpus_table
 
         r, _ = load_recipe(recipe, override_list(set_, overrides))
+        from prune_cli.engine.runner import synthesize
+        from prune_cli.report import corpus_table
+
         summary = synthesize(r)
         emit(summary, json_out, lambda: Console().print(corpus_table(r.data.manifest_dir, summary)))
 

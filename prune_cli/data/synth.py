@@ -421,12 +421,13 @@ def _render_chunk(args: tuple[int, list[UttSpec], str, int, str]) -> list[tuple[
 
 def build_corpus(
     cfg: SynthConfig, manifest_dir: Path, sample_rate: int, seed: int, progress_cb=None,  # noqa: ANN001
-    chunk: int = SYNTH_CHUNK,
+    chunk: int = SYNTH_CHUNK, specs: list[UttSpec] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Render the corpus and write manifests. Returns {split: {context_key: {utts, hours}}}."""
+    """Render the corpus and write manifests. Returns {split: {context_key: {utts, hours}}}.
+    specs: plan_corpus(cfg, seed), when the caller has it already (for a progress total)."""
     from prune_cli.contexts import context_key
 
-    specs = plan_corpus(cfg, seed)
+    specs = plan_corpus(cfg, seed) if specs is None else specs
     out_dir = Path(cfg.out_dir).resolve()
     splits = list(dict.fromkeys(s.split for s in specs))
     tasks = []

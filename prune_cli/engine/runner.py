@@ -18,7 +18,7 @@ from prune_cli.engine.session import Session
 from prune_cli.errors import MissingInputError, UsageError
 from prune_cli.plots import plot_cost, plot_heatmap, plot_pareto
 from prune_cli.progress import log, progress
-from prune_cli.recipe import Recipe, build_recipe, parse_override, point_label, sweep_point_raw
+from prune_cli.recipe import Recipe, build_recipe, point_label, sweep_point_raw
 from prune_cli.runs import STAGES, RunDir
 from prune_cli.variants import TRAINED, VARIANTS
 
@@ -48,9 +48,9 @@ def synthesize(r: Recipe) -> dict[str, Any]:
     if r.data.kaldi_dir:
         raise UsageError("data synth: this recipe reads a Kaldi data dir (data.kaldi_dir); there is nothing to synthesize")
     cfg = r.data.synth
-    total = len(plan_corpus(cfg, r.seed))  # the robustness sets included
-    with progress("synth", total=total) as bar:
-        summary = build_corpus(cfg, Path(r.data.manifest_dir), r.data.sample_rate, r.seed, bar.advance)
+    specs = plan_corpus(cfg, r.seed)  # the robustness sets included
+    with progress("synth", total=len(specs)) as bar:
+        summary = build_corpus(cfg, Path(r.data.manifest_dir), r.data.sample_rate, r.seed, bar.advance, specs=specs)
     atomic_write_json(Path(r.data.manifest_dir) / "corpus.json", {"hash": corpus_hash(r), "summary": summary})
     return summary
 
@@ -195,17 +195,6 @@ def run_stages(s: Session, stages: list[str], force: list[str], recipe_path: str
 
 
 # ---------------------------------------------------------------- sweeps
-
-
-def parse_sweep(text: str) -> list[dict[str, Any]]:
-    """--sweep key.path=v1,v2,... as sweep points: [{key.path: v1}, {key.path: v2}, ...]."""
-    if "=" not in text:
-        raise UsageError(f"--sweep {text!r}: expected key.path=v1,v2,...")
-    key, values = text.split("=", 1)
-    vals = [v for v in values.split(",") if v != ""]
-    if len(vals) < 1:
-        raise UsageError(f"--sweep {text!r}: no values")
-    return [{key.strip(): parse_override(f"{key}={v}")[1]} for v in vals]
 
 
 def sweep(
