@@ -382,10 +382,15 @@ def test_profile_device_cuda_without_cuda_is_a_usage_error(smoke_run: Path, smok
     assert r.returncode == 2 and "CUDA is not available" in r.stderr
 
 
+# A sweep point's eval and profile, cut to what the sweep's table needs (no intervals, one batch size, one timed call).
+QUICK_POINTS = ["--set", "eval.bootstrap=0", "--set", "profile.repeats=1", "--set", "profile.warmup=0",
+                "--set", "profile.batch_sizes=[1]", "--set", "profile.utts_per_context=1"]
+
+
 def test_sweeps_from_the_recipe_and_the_command_line_train_each_point_on_the_shared_base(
         smoke_root: Path, smoke_run: Path, smoke_corpus: list[str]) -> None:
     # the recipe's sweep (here set by an override): one point that sets two keys, run after the main stages
-    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--stages", "sweep,report",
+    r = cli("run", "ci_smoke", *smoke_corpus, *QUICK_POINTS, "--run-dir", str(smoke_run), "--stages", "sweep,report",
             "sweep=[{gates.target.decoder: 0.75, gates.alpha: 3.0}]", "--json", "--quiet")
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)["stages"]) == {"report", "sweep"}
@@ -398,7 +403,7 @@ def test_sweeps_from_the_recipe_and_the_command_line_train_each_point_on_the_sha
     report = (smoke_run / "report.md").read_text()
     assert "## Sweep" in report and f"| {high.name} | static |" in report  # the row names the point's directory
     # --sweep key=v1,...: the base, then each value; the recipe's own sweep is not run
-    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--sweep", "gates.target.decoder=0.25",
+    r = cli("run", "ci_smoke", *smoke_corpus, *QUICK_POINTS, "--run-dir", str(smoke_run), "--sweep", "gates.target.decoder=0.25",
             "--json", "--quiet")
     assert r.returncode == 0, r.stderr
     summary = read_json(smoke_run / "sweep" / "summary.json")
