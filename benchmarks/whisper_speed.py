@@ -7,6 +7,8 @@ dense base at the same number of decoding steps, with the FLOPs of both (latency
 Prints ratios measured in this run; no timing is asserted anywhere.
 
   .venv/bin/python benchmarks/whisper_speed.py --manifest data_manifests/whisper_base/test.jsonl --run-dir runs/whisper_base
+
+Utterances come --per-lang from each of --langs, so batch 8 means 8 (a batch holds one language's prompt).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import ctranslate2
 import numpy as np
@@ -48,21 +51,26 @@ def hf_model(model: WhisperModel) -> transformers.WhisperForConditionalGeneratio
     return hf
 
 
-def median_time(fn, repeats: int) -> float:  # noqa: ANN001
-    fn()  # warm-up
-    times = []
+def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each fn. The calls interleave (A B C, A B C, ...): on a shared machine the speed
+    drifts over minutes, and timing each fn's repeats back to back would put the drift into the ratios."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--manifest", type=Path, default=Path("data_manifests/whisper_base/test.jsonl"))
     ap.add_argument("--run-dir", type=Path, help="a whisper_base run: its fine-tuned base and context masks")
-    ap.add_argument("--utts", type=int, default=16)
+    ap.add_argument("--langs", default="en,fr", help="ASR languages timed (one prompt per batch)")
+    ap.add_argument("--per-lang", type=int, default=8, help="utterances per language: 8 makes every batch-8 call full")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3)
@@ -79,7 +87,9 @@ def main() -> None:
     tok = WhisperTokenizer(bundled.tokenizer.read_text(), ContextVocab(("asr", "st"), ("en",)), cfg["suppress_ids"],
                            cfg["suppress_ids_begin"])
     rows = [json.loads(x) for x in a.manifest.read_text().splitlines()]
-    rows = [r for r in rows if r["task"] == "asr"][: a.utts]  # one prompt per batch: transcription, each its language
+    langs = a.langs.split(",")
+    rows = [r for r in rows if r["task"] == "asr" and r["source_lang"] in langs]  # one prompt per batch
+    rows = [r for lang in langs for r in [x for x in rows if x["source_lang"] == lang][: a.per_lang]]
     feats = {r["utt_id"]: log_mel(torch.from_numpy(sf.read(a.manifest.parent / r["audio_filepath"], dtype="float32")[0]),
                                   dims.n_mels, pad_to_30s=True) for r in rows}
     by_lang: dict[str, list[str]] = defaultdict(list)
@@ -116,14 +126,13 @@ def main() -> None:
             ct2.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(x.transpose(1, 2).numpy())),
                          [prompt] * x.shape[0], beam_size=1, max_length=n_new, suppress_blank=True)
 
-    print(f"# Whisper base, dense greedy decoding of {len(rows)} ASR utterances (30-s padded input), "
+    print(f"# Whisper base, dense greedy decoding of {len(rows)} ASR utterances ({a.langs}, 30-s padded input), "
           f"{a.threads} CPU threads, at most {n_new} new tokens, median of {a.repeats}")
     print("| batch | prune-cli s | transformers s | CTranslate2 s | prune-cli / transformers | CTranslate2 / prune-cli |")
     print("|---|---|---|---|---|---|")
     for bs in (1, 8):
-        t_ours = median_time(lambda: run_ours(bs), a.repeats)
-        t_hf = median_time(lambda: run_hf(bs), a.repeats)
-        t_ct2 = median_time(lambda: run_ct2(bs), a.repeats)
+        t = median_times({"ours": lambda: run_ours(bs), "hf": lambda: run_hf(bs), "ct2": lambda: run_ct2(bs)}, a.repeats)
+        t_ours, t_hf, t_ct2 = t["ours"], t["hf"], t["ct2"]
         print(f"| {bs} | {t_ours:.2f} | {t_hf:.2f} | {t_ct2:.2f} | {t_ours / t_hf:.3f} | {t_ct2 / t_ours:.3f} |", flush=True)
 
     if a.run_dir is None:
@@ -152,8 +161,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     fr = flops_pruned / flops_dense
     for bs in (1, 8):
-        t_dense = median_time(lambda: run_ours(bs, base, forced), a.repeats)
-        t_pruned = median_time(lambda: run_pruned(bs), a.repeats)
+        t = median_times({"dense": lambda: run_ours(bs, base, forced), "pruned": lambda: run_pruned(bs)}, a.repeats)
+        t_dense, t_pruned = t["dense"], t["pruned"]
         lr = t_pruned / t_dense
         print(f"| {bs} | {t_dense:.2f} | {t_pruned:.2f} | {lr:.3f} | {fr:.3f} | {(1 - lr) / (1 - fr):.2f} |", flush=True)
 
