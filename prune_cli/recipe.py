@@ -589,7 +589,7 @@ def is_plain_name(name: str) -> bool:
 
 def _synth_problems(cfg: SynthConfig) -> list[str]:
     """The demo corpus speaks the languages both eSpeak NG and num2words support, read from the libraries."""
-    from prune_cli.data.synth import FORMS, form_supported, supported_languages
+    from prune_cli.data.synth import FORMS, form_supported, supported_languages, synth_contexts
 
     errs: list[str] = []
     supported = supported_languages()
@@ -610,7 +610,7 @@ def _synth_problems(cfg: SynthConfig) -> list[str]:
             errs.append(f"data.synth.forms: num2words has no {form} numbers in {lang!r}")
     if cfg.max_number < 10:
         errs.append("data.synth.max_number: must be >= 10")
-    n_contexts = len(cfg.languages) + sum(1 for pair in cfg.st_pairs if pair.split("-")[0] in cfg.languages)
+    n_contexts = len(synth_contexts(cfg))
     for key in ("n_train", "n_dev", "n_test"):  # every split needs each context at least once
         if getattr(cfg, key) < max(1, n_contexts):
             errs.append(f"data.synth.{key}: at least one utterance per context ({n_contexts}), got {getattr(cfg, key)}")

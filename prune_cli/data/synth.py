@@ -205,6 +205,12 @@ def number_split(seed: int, form: str, n: int, shares: tuple[float, float]) -> s
     return "test" if u < shares[0] else "dev" if u < shares[1] else "train"
 
 
+def synth_contexts(cfg: SynthConfig) -> list[tuple[str, str, str]]:
+    """(task, source, target) of every context the corpus speaks: ASR in each language, ST from a spoken language."""
+    contexts = [("asr", lang, lang) for lang in cfg.languages]
+    return contexts + [("st", *pair.split("-")) for pair in cfg.st_pairs if pair.split("-")[0] in cfg.languages]
+
+
 def plan_corpus(cfg: SynthConfig, seed: int) -> list[UttSpec]:
     """Decide every utterance. Splits are by (form, number): test numbers never occur in train, in any language.
 
@@ -214,8 +220,7 @@ def plan_corpus(cfg: SynthConfig, seed: int) -> list[UttSpec]:
     cardinals and most ordinals, and the model, never having heard plain "trentaquattro", wrote "centoventiquattro".)
     """
     rng = np.random.default_rng(seed)
-    contexts = [("asr", lang, lang) for lang in cfg.languages]
-    contexts += [("st", *pair.split("-")) for pair in cfg.st_pairs if pair.split("-")[0] in cfg.languages]
+    contexts = synth_contexts(cfg)
     sizes = {"train": cfg.n_train, "dev": cfg.n_dev, "test": cfg.n_test}
     total = sum(sizes.values())
     shares = (sizes["test"] / total, (sizes["test"] + sizes["dev"]) / total)
