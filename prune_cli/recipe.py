@@ -134,6 +134,10 @@ class GatesConfig:
     # learns under its masks.
     finetune_schedule: Literal["joint", "phased"] = "joint"
     predictor_share: float = 0.5  # phased: the share of `steps` in which the predictor learns, before the base does
+    # phased: the share of `steps` in which the base first adapts with every module kept, before the predictor learns.
+    # For a pretrained model far from the data (Whisper on the synthetic corpus): gates learned on a base that cannot
+    # yet produce the targets follow noise (docs/whisper.md). The base then learns in [0, adapt) and [freeze, steps).
+    adapt_share: float = 0.0
     base_lr: float = 1e-4
     init_keep_logit: float = 2.0
     # Context-aware masks are the argmax, which can end off target (the loss meets it in sampled batch means). When the
@@ -162,14 +166,25 @@ class GatesConfig:
         return self.finetune_base and self.finetune_schedule == "phased"
 
     @property
+    def adapt_step(self) -> int:
+        """Phased schedule: the step at which the predictor starts learning (the base adapted densely before it)."""
+        return int(self.steps * self.adapt_share) if self.phased else 0
+
+    @property
     def freeze_step(self) -> int:
-        """Phased schedule: the step at which the predictor stops learning and the base starts."""
-        return int(self.steps * self.predictor_share)
+        """Phased schedule: the step at which the predictor stops learning and the base starts again."""
+        return self.adapt_step + int(self.steps * self.predictor_share)
+
+    @property
+    def base_windows(self) -> list[tuple[int, int]]:
+        """Phased schedule: the [start, stop) step ranges in which the base learns."""
+        return [(a, b) for a, b in ((0, self.adapt_step), (self.freeze_step, self.steps)) if a < b]
 
     @property
     def anneal_steps(self) -> int:
-        """The steps over which the Gumbel temperature anneals (gates.anneal_over)."""
-        return self.freeze_step if self.phased and self.anneal_over == "predictor" else self.steps
+        """The steps over which the Gumbel temperature anneals (gates.anneal_over), counted from adapt_step."""
+        end = self.freeze_step if self.phased and self.anneal_over == "predictor" else self.steps
+        return end - self.adapt_step
 
 
 @dataclass
@@ -542,9 +557,14 @@ def _semantic_checks(r: Recipe) -> list[str]:
                     f"got {r.gates.min_cross_attention}")
     if not 0.0 < r.gates.predictor_share < 1.0:
         errs.append(f"gates.predictor_share: must be in (0, 1), got {r.gates.predictor_share}")
-    elif r.gates.phased and not 1 <= r.gates.freeze_step < r.gates.steps:
+    elif r.gates.phased and not r.gates.adapt_step + 1 <= r.gates.freeze_step < r.gates.steps:
         errs.append(f"gates.predictor_share: {r.gates.predictor_share} of gates.steps={r.gates.steps} leaves the predictor "
                     "or the base no step of the phased schedule")
+    if not 0.0 <= r.gates.adapt_share < 1.0:
+        errs.append(f"gates.adapt_share: must be in [0, 1), got {r.gates.adapt_share}")
+    elif r.gates.adapt_share > 0 and not r.gates.phased:
+        errs.append("gates.adapt_share: the base adapts before the predictor only in the phased schedule "
+                    "(gates.finetune_base: true, gates.finetune_schedule: phased)")
     if r.gates.distill < 0.0:
         errs.append(f"gates.distill: must be >= 0, got {r.gates.distill}")
     if not 0.0 <= r.base.module_drop < 1.0:

@@ -491,6 +491,29 @@ def test_joint_finetuning_saves_the_finetuned_base_used_downstream(tmp_path: Pat
             masks["modules"], masks["arch_hash"], model.weights_hash(), run_dir / "masks.json", "static")
 
 
+def test_the_base_can_adapt_densely_before_the_predictor_learns(tmp_path: Path, smoke_run: Path,
+                                                                 smoke_corpus: list[str]) -> None:
+    run_dir = tmp_path / "adapt"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("sweep", "eval", "profile", "pruned"))
+    (run_dir / "logs" / "gates.jsonl").unlink()
+    (run_dir / "logs" / "static.jsonl").unlink()
+    sets = [*smoke_corpus, "gates.finetune_base=true", "gates.finetune_schedule=phased", "gates.steps=8",
+            "gates.base_lr=0.01", "gates.log_every=1", "gates.adapt_share=0.25", "gates.predictor_share=0.25",
+            "gates.anneal_over=predictor", "gates.target_warmup_steps=1"]
+    r = cli("run", "ci_smoke", *sets, "--run-dir", str(run_dir), "--stages", "base,gates", "--quiet")
+    assert r.returncode == 0, r.stderr
+    for log in ("gates", "static"):
+        rows = [json.loads(x) for x in (run_dir / "logs" / f"{log}.jsonl").read_text().splitlines()]
+        rows = [x for x in rows if "lr_base" in x]
+        # steps 1-2: the base adapts with every module kept and no sparsity loss; 3-4: the predictor learns on the
+        # adapted, frozen base; 5-8: the base adapts to the predictor's masks
+        assert [x["lr_base"] > 0 for x in rows] == [True] * 2 + [False] * 2 + [True] * 4, log
+        assert [x["lr"] > 0 for x in rows] == [False] * 2 + [True] * 2 + [False] * 4, log
+        assert ["sparsity_loss" in x for x in rows] == [False] * 2 + [True] * 6, log
+        # the Gumbel temperature anneals over the predictor's own steps, from tau_start
+        assert [x.get("tau") for x in rows] == [None] * 2 + [1.0, pytest.approx(0.1)] + [None] * 4, log
+
+
 def test_subset_eval_goes_beside_the_full_summary(smoke_run: Path, smoke_corpus: list[str]) -> None:
     before = (smoke_run / "eval" / "summary.json").read_text()
     r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(smoke_run), "--variants", "dense", "--contexts", "asr:en", "--quiet")

@@ -246,6 +246,19 @@ def test_gumbel_anneal_spans_all_steps_or_the_predictors_own() -> None:
     # without phases the predictor learns in every step, so both settings anneal over all of them
     joint = ["gates.finetune_base=true", "gates.finetune_schedule=joint", "gates.steps=1600", "gates.anneal_over=predictor"]
     assert build_recipe(apply_overrides({}, joint)).gates.anneal_steps == 1600
+    # a dense adaptation first: the predictor learns in [400, 800) and anneals over its own steps or to the end
+    adapt = build_recipe(apply_overrides({}, [*phased, "gates.adapt_share=0.25"])).gates
+    assert (adapt.adapt_step, adapt.freeze_step, adapt.anneal_steps) == (400, 800, 1200)
+    assert adapt.base_windows == [(0, 400), (800, 1600)]
+    assert build_recipe(apply_overrides({}, [*phased, "gates.adapt_share=0.25", "gates.anneal_over=predictor"])).gates.anneal_steps == 400
+    with pytest.raises(UsageError) as e:
+        build_recipe(apply_overrides({}, ["gates.adapt_share=0.2"]))
+    assert e.value.problems == ["<recipe>: gates.adapt_share: the base adapts before the predictor only in the phased "
+                                "schedule (gates.finetune_base: true, gates.finetune_schedule: phased)"]
+    with pytest.raises(UsageError) as e:
+        build_recipe(apply_overrides({}, [*phased, "gates.adapt_share=0.8"]))
+    assert e.value.problems == ["<recipe>: gates.predictor_share: 0.25 of gates.steps=1600 leaves the predictor or the "
+                                "base no step of the phased schedule"]
     with pytest.raises(UsageError) as e:
         build_recipe(apply_overrides({}, ["gates.anneal_over=freeze"]))
     assert e.value.problems == ["<recipe>: gates.anneal_over: expected one of 'all', 'predictor', got 'freeze'"]

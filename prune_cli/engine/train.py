@@ -102,25 +102,30 @@ class GateObjective(nn.Module):
 
     def __init__(self, model: SpeechModel, predictor: GatePredictor | None, spec: SparsitySpec, session: Session,
                  labels: LabelVocab, anneal_steps: int, seed: int, vocab: ContextVocab, calibrated: bool = False,
-                 frozen_from: int | None = None, teacher: SpeechModel | None = None):
+                 frozen_from: int | None = None, teacher: SpeechModel | None = None, adapt_until: int = 0):
         super().__init__()
         self.model, self.predictor, self.spec = model, predictor, spec
         self.s, self.labels, self.total, self.seed, self.vocab = session, labels, anneal_steps, seed, vocab
         self.teacher = teacher  # the dense base, frozen: gates.distill > 0
         # calibrated: the exported mask is cut at exactly the target (static baseline), not the argmax.
         self.calibrated, self.frozen_from = calibrated, frozen_from
+        self.adapt_until = adapt_until  # phased with gates.adapt_share: the base adapts densely before this step
+
+    def adapting(self, step: int | None) -> bool:
+        """Every module runs and nothing is steered: the base's dense adaptation before the predictor learns."""
+        return step is not None and step < self.adapt_until
 
     def tau(self, step: int | None) -> float | None:
         """The Gumbel temperature while the predictor learns; None in evaluation and once it is frozen."""
         if step is None or (self.frozen_from is not None and step >= self.frozen_from):
             return None
         g = self.s.recipe.gates
-        return tau_at(step, self.total, g.tau_start, g.tau_end)
+        return tau_at(step - self.adapt_until, self.total, g.tau_start, g.tau_end)
 
     def gates(self, batch: Batch, step: int | None) -> torch.Tensor:
         """(B, M) keep gates: Gumbel straight-through while the predictor learns, the exported masks otherwise;
-        every module kept without a predictor (the `dense_tuned` reference)."""
-        if self.predictor is None:
+        every module kept without a predictor (the `dense_tuned` reference) and while the base adapts densely."""
+        if self.predictor is None or self.adapting(step):
             return torch.ones(len(batch.task), self.model.n_modules, device=batch.feats.device)
         ctx = ContextInputs.build(batch.task, batch.source_lang, batch.target_lang, batch.speaker, batch.condition,
                                   batch.feats, batch.feat_lens, self.labels, self.vocab)
@@ -148,8 +153,8 @@ class GateObjective(nn.Module):
                 teacher_logits, _, _ = self.teacher(batch.feats, batch.feat_lens, batch.dec_in)
             parts["distill"] = distill_loss(logits, teacher_logits, batch)
             task = task + g.distill * parts["distill"]
-        warm = 1.0 if step is None else min(1.0, (step + 1) / max(1, g.target_warmup_steps))
-        if self.predictor is None:  # nothing is skipped, so there is no sparsity to steer
+        warm = 1.0 if step is None else min(1.0, (step - self.adapt_until + 1) / max(1, g.target_warmup_steps))
+        if self.predictor is None or self.adapting(step):  # nothing is skipped, so there is no sparsity to steer
             logs = {k: float(v.detach()) for k, v in {"loss": task, "task": task, **parts, "acc": acc}.items()}
             return task, logs
         groups = None
@@ -272,8 +277,8 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
     with progress(f"train {spec.name}", total=spec.steps) as bar:
         bar.advance(step)
         while step < spec.steps:
-            for g, lr in zip(opt.param_groups, base_lrs):  # a group learns only within its [start, stop) steps
-                active = g.get("start", 0) <= step < g.get("stop", spec.steps)
+            for g, lr in zip(opt.param_groups, base_lrs):  # a group learns only within its [start, stop) windows
+                active = any(a <= step < b for a, b in g.get("windows", [(0, spec.steps)]))
                 g["lr"] = lr * lr_factor(step, spec.warmup, spec.steps) if active else 0.0
             if spec.before_step is not None:
                 spec.before_step(step)
@@ -480,12 +485,13 @@ def train_gates(s: Session) -> dict[str, dict[str, float]]:
         if joint:
             params.append(base_group)
             if g.phased:
-                base_group["start"] = g.freeze_step
+                base_group["windows"] = g.base_windows
                 if predictor is not None:
-                    params[0]["stop"] = g.freeze_step
+                    params[0]["windows"] = [(g.adapt_step, g.freeze_step)]
         freeze = g.freeze_step if g.phased else None
         obj = GateObjective(model, predictor, sparsity, s, labels, g.anneal_steps, seed, s.tokenizer.vocab,
-                            calibrated=exact_cut(r, v.context_inputs), frozen_from=freeze, teacher=teacher)
+                            calibrated=exact_cut(r, v.context_inputs), frozen_from=freeze, teacher=teacher,
+                            adapt_until=g.adapt_step)
 
         def train_mode(predictor: GatePredictor | None = predictor, joint: bool = joint) -> None:
             if predictor is not None:
