@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -136,12 +137,18 @@ def quality_rows(ev: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         row: list[Any] = [c]
         for v in variants:
             sc = ev["variants"][v].get(c, {})
-            row.append(f"{sc['wer']:.2f}" if "wer" in sc else (_bleu(ev, c, sc) if "bleu" in sc else "-"))
+            if "wer" in sc:
+                row.append(f"{sc['wer']:.2f}")
+            elif "bleu" in sc:
+                row.append(_bleu(ev, c, sc) + (f" / {sc['chrf']:.2f}" if "chrf" in sc else ""))
+            else:
+                row.append("-")
         rows.append(row)
     avg = ev.get("averages", {})
-    rows.append(["**avg WER (asr)**"] + [f"{avg.get(v, {}).get('wer', float('nan')):.2f}" for v in variants])
-    rows.append(["**avg BLEU (st)**"] + [f"{avg.get(v, {}).get('bleu', float('nan')):.2f}" for v in variants])
-    return ["context (WER % / BLEU)"] + variants, rows
+    for metric, label in (("wer", "WER (asr)"), ("bleu", "BLEU (st)"), ("chrf", "chrF (st)")):
+        if any(metric in avg.get(v, {}) for v in variants):
+            rows.append([f"**avg {label}**"] + [_num(avg.get(v, {}).get(metric)) for v in variants])
+    return ["context (WER % / BLEU / chrF)"] + variants, rows
 
 
 def sweep_rows(sweep: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -168,8 +175,8 @@ def write_report(run_dir: Path, recipe_path: str, overrides: list[str]) -> Path:
     masks = _read(run_dir / "masks.json")
     env = _read(run_dir / "env.json")
     metrics = _read(run_dir / "metrics.json")
-    sets = "".join(f" --set {o}" for o in overrides)
-    rd = f" --run-dir {run_dir}"
+    set_flags = "".join(f" --set {shlex.quote(o)}" for o in overrides)
+    rd = f" --run-dir {shlex.quote(str(run_dir))}"
     lines = [f"# prune-cli report: {run_dir.name}", ""]
     lines += [f"Machine: {env.get('device_name')} ({env.get('device')}), {env.get('cpu_count')} CPUs, torch {env.get('torch')}, "
               f"git {env.get('git_commit')}, seed {env.get('seed')}.", ""]
@@ -248,9 +255,9 @@ def write_report(run_dir: Path, recipe_path: str, overrides: list[str]) -> Path:
         lines += [f"Gates: {dumps(metrics['gates'], indent=None)}", ""]
     lines += ["## Rerun each stage", "", "```sh"]
     for stage in ("base", "gates"):
-        lines.append(f"prune-cli train {recipe_path} --stage {stage}{sets}{rd}")
+        lines.append(f"prune-cli train {shlex.quote(recipe_path)} --stage {stage}{set_flags}{rd}")
     for cmd in ("prune", "eval", "profile"):
-        lines.append(f"prune-cli {cmd} {recipe_path}{sets}{rd}")
+        lines.append(f"prune-cli {cmd} {shlex.quote(recipe_path)}{set_flags}{rd}")
     lines += ["```", ""]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -18,11 +19,11 @@ from prune_cli.engine.profile import Timer, measure_interleaved, stats_ms
 from prune_cli.engine.runner import _share_base, mark_complete
 from prune_cli.errors import CheckpointError
 from prune_cli.gating.masks import MaskFile
-from prune_cli.recipe import load_recipe
+from prune_cli.recipe import RECIPES_DIR, load_recipe
 from prune_cli.runs import RunDir
 
 
-def test_run_writes_every_stage_output(smoke_run: Path) -> None:
+def test_run_writes_every_stage_output(smoke_run: Path, smoke_corpus: list[str]) -> None:
     for rel in ("config.yaml", "env.json", "metrics.json", "masks.json", "eval/summary.json", "profile/summary.json",
                 "report.md", "plots/masks_context.png", "plots/cost.png", "checkpoints/base.pt", "checkpoints/gates.pt",
                 "checkpoints/static.pt", "tokenizer/tokenizer.json", "cmvn.pt", "logs/base.jsonl", "logs/gates.jsonl"):
@@ -52,7 +53,21 @@ def test_run_writes_every_stage_output(smoke_run: Path) -> None:
     assert masks["meta"]["min_cross_attention"] == 1 and set(masks["meta"]["cross_attention_restored"]) == {"context", "static"}
     assert all(sum(keep[i] for i in cross) >= 1 for v in ("context", "static") for keep in masks["variants"][v].values())
     report = (smoke_run / "report.md").read_text()
-    assert "## Quality" in report and "## Cost" in report and "prune-cli train" in report
+    assert "## Quality" in report and "## Cost" in report
+    # translation rows carry BLEU and chrF, as the eval summary has them; each metric has its average row
+    ev = read_json(smoke_run / "eval" / "summary.json")
+    st = next(c for c in ev["variants"]["dense"] if c.startswith("st:") and c not in ev.get("bleu_unscorable", []))
+    sc = ev["variants"]["dense"][st]
+    assert f"| {st} | {sc['bleu']:.2f} / {sc['chrf']:.2f} |" in report
+    assert f"| **avg chrF (st)** | {ev['averages']['dense']['chrf']:.2f} |" in report
+    # the rerun commands carry the run's overrides and run dir, and nothing else (a list once leaked into them)
+    rerun = report.split("## Rerun each stage", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
+    overrides = [x for x in smoke_corpus if x != "--set"]
+    tail = [a for o in overrides for a in ("--set", o)] + ["--run-dir", str(smoke_run)]
+    assert [shlex.split(line) for line in rerun] == [
+        *(["prune-cli", "train", str(RECIPES_DIR / "ci_smoke.yaml"), "--stage", stage, *tail] for stage in ("base", "gates")),
+        *(["prune-cli", cmd, str(RECIPES_DIR / "ci_smoke.yaml"), *tail] for cmd in ("prune", "eval", "profile")),
+    ]
 
 
 def test_run_scores_the_robustness_sets_and_reports_them_side_by_side(smoke_run: Path) -> None:
