@@ -74,7 +74,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pruned-only", action="store_true", help="time only pruned vs dense (needs --run-dir)")
     a = ap.parse_args()
+    if a.pruned_only and a.run_dir is None:
+        raise SystemExit("error: --pruned-only needs --run-dir")
     torch.set_num_threads(a.threads)
     bundled = bundled_whisper_base()
     if bundled is None:
@@ -126,14 +129,15 @@ def main() -> None:
             ct2.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(x.transpose(1, 2).numpy())),
                          [prompt] * x.shape[0], beam_size=1, max_length=n_new, suppress_blank=True)
 
-    print(f"# Whisper base, dense greedy decoding of {len(rows)} ASR utterances ({a.langs}, 30-s padded input), "
+    print(f"# Whisper base, greedy decoding of {len(rows)} ASR utterances ({a.langs}, 30-s padded input), "
           f"{a.threads} CPU threads, at most {n_new} new tokens, median of {a.repeats}")
-    print("| batch | prune-cli s | transformers s | CTranslate2 s | prune-cli / transformers | CTranslate2 / prune-cli |")
-    print("|---|---|---|---|---|---|")
-    for bs in (1, 8):
-        t = median_times({"ours": lambda: run_ours(bs), "hf": lambda: run_hf(bs), "ct2": lambda: run_ct2(bs)}, a.repeats)
-        t_ours, t_hf, t_ct2 = t["ours"], t["hf"], t["ct2"]
-        print(f"| {bs} | {t_ours:.2f} | {t_hf:.2f} | {t_ct2:.2f} | {t_ours / t_hf:.3f} | {t_ct2 / t_ours:.3f} |", flush=True)
+    if not a.pruned_only:
+        print("| batch | prune-cli s | transformers s | CTranslate2 s | prune-cli / transformers | CTranslate2 / prune-cli |")
+        print("|---|---|---|---|---|---|")
+        for bs in (1, 8):
+            t = median_times({"ours": lambda: run_ours(bs), "hf": lambda: run_hf(bs), "ct2": lambda: run_ct2(bs)}, a.repeats)
+            t_ours, t_hf, t_ct2 = t["ours"], t["hf"], t["ct2"]
+            print(f"| {bs} | {t_ours:.2f} | {t_hf:.2f} | {t_ct2:.2f} | {t_ours / t_hf:.3f} | {t_ct2 / t_ours:.3f} |", flush=True)
 
     if a.run_dir is None:
         return
