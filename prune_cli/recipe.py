@@ -555,16 +555,17 @@ def _semantic_checks(r: Recipe) -> list[str]:
     if not 0 <= r.gates.min_cross_attention <= r.model.dec_layers:
         errs.append(f"gates.min_cross_attention: must be in [0, model.dec_layers={r.model.dec_layers}], "
                     f"got {r.gates.min_cross_attention}")
-    if not 0.0 < r.gates.predictor_share < 1.0:
-        errs.append(f"gates.predictor_share: must be in (0, 1), got {r.gates.predictor_share}")
-    elif r.gates.phased and not r.gates.adapt_step + 1 <= r.gates.freeze_step < r.gates.steps:
-        errs.append(f"gates.predictor_share: {r.gates.predictor_share} of gates.steps={r.gates.steps} leaves the predictor "
-                    "or the base no step of the phased schedule")
-    if not 0.0 <= r.gates.adapt_share < 1.0:
+    adapt_ok = 0.0 <= r.gates.adapt_share < 1.0
+    if not adapt_ok:
         errs.append(f"gates.adapt_share: must be in [0, 1), got {r.gates.adapt_share}")
     elif r.gates.adapt_share > 0 and not r.gates.phased:
         errs.append("gates.adapt_share: the base adapts before the predictor only in the phased schedule "
                     "(gates.finetune_base: true, gates.finetune_schedule: phased)")
+    if not 0.0 < r.gates.predictor_share < 1.0:
+        errs.append(f"gates.predictor_share: must be in (0, 1), got {r.gates.predictor_share}")
+    elif adapt_ok and r.gates.phased and not r.gates.adapt_step + 1 <= r.gates.freeze_step < r.gates.steps:
+        errs.append(f"gates.predictor_share: {r.gates.predictor_share} of gates.steps={r.gates.steps} leaves the predictor "
+                    "or the base no step of the phased schedule")
     if r.gates.distill < 0.0:
         errs.append(f"gates.distill: must be >= 0, got {r.gates.distill}")
     if not 0.0 <= r.base.module_drop < 1.0:

@@ -255,6 +255,9 @@ def test_gumbel_anneal_spans_all_steps_or_the_predictors_own() -> None:
         build_recipe(apply_overrides({}, ["gates.adapt_share=0.2"]))
     assert e.value.problems == ["<recipe>: gates.adapt_share: the base adapts before the predictor only in the phased "
                                 "schedule (gates.finetune_base: true, gates.finetune_schedule: phased)"]
+    with pytest.raises(UsageError) as e:  # one line for one bad value: the schedule it implies is not checked too
+        build_recipe(apply_overrides({}, [*phased, "gates.adapt_share=1.5"]))
+    assert e.value.problems == ["<recipe>: gates.adapt_share: must be in [0, 1), got 1.5"]
     with pytest.raises(UsageError) as e:
         build_recipe(apply_overrides({}, [*phased, "gates.adapt_share=0.8"]))
     assert e.value.problems == ["<recipe>: gates.predictor_share: 0.25 of gates.steps=1600 leaves the predictor or the "
