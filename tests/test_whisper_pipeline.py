@@ -34,14 +34,14 @@ def tiny_whisper(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def whisper_manifests(smoke_root: Path, smoke_corpus: list[str]) -> Path:
-    """ci_smoke without ST into German (Whisper translates only into English), beside the original manifests."""
-    src, dst = smoke_root / "corpus" / "manifests", smoke_root / "corpus" / "whisper_manifests"
-    dst.mkdir(exist_ok=True)
+def whisper_manifests(tmp_path_factory, smoke_root: Path, smoke_corpus: list[str]) -> Path:
+    """ci_smoke without ST into German (Whisper translates only into English), with absolute audio paths."""
+    src, dst = smoke_root / "corpus" / "manifests", tmp_path_factory.mktemp("whisper_manifests")
     for split in ("train", "dev", "test"):
-        rows = [x for x in (src / f"{split}.jsonl").read_text().splitlines() if json.loads(x)["target_lang"] in ("en",)
-                or json.loads(x)["task"] == "asr"]
-        (dst / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+        rows = [json.loads(x) for x in (src / f"{split}.jsonl").read_text().splitlines()]
+        rows = [{**r, "audio_filepath": str((src / r["audio_filepath"]).resolve())} for r in rows
+                if r["target_lang"] == "en" or r["task"] == "asr"]
+        (dst / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return dst
 
 
