@@ -13,8 +13,8 @@ import pytest
 import sacrebleu
 
 from conftest import cli, read_json
+from prune_cli.data.normalize import normalize
 from prune_cli.engine.compare import sign_flip_p
-from prune_cli.engine.metrics import normalize
 from prune_cli.engine.profile import Timer, measure_interleaved, stats_ms
 from prune_cli.engine.runner import _share_base, mark_complete
 from prune_cli.errors import CheckpointError

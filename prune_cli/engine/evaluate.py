@@ -11,10 +11,11 @@ from typing import Any, Sequence
 from prune_cli.atomic import atomic_write_json, atomic_write_text, json_safe
 from prune_cli.contexts import TASKS, ContextVocab
 from prune_cli.data.batching import Split, model_inputs
+from prune_cli.data.normalize import NORMALIZATION, NUMBERS_NORMALIZATION, number_form
 from prune_cli.data.tokenizer import Tokenizer
 from prune_cli.engine.compare import comparison_pairs, paired_bootstrap
 from prune_cli.engine.masking import group_by_pattern, utterance_patterns
-from prune_cli.engine.metrics import NORMALIZATION, NUMBERS_NORMALIZATION, asr_scores, bleu_measurable, number_form, st_scores, utterance_score
+from prune_cli.engine.metrics import asr_scores, bleu_measurable, st_scores, utterance_score
 from prune_cli.engine.session import Session
 from prune_cli.errors import DataError, MissingInputError, UsageError
 from prune_cli.gating.masks import MaskFile

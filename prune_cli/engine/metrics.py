@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import jiwer
 import numpy as np
 from sacrebleu.metrics import BLEU, CHRF
 
-NORMALIZATION = "lowercase; punctuation except apostrophes and hyphens removed; whitespace collapsed"
-_PUNCT = re.compile(r"[^\w\s'\-]", re.UNICODE)
+from prune_cli.data.normalize import normalize
+
 LOWER_IS_BETTER = {"wer", "cer"}
-
-
-NUMBERS_NORMALIZATION = "; numbers as digits (digit groups joined, number words converted by text2num's alpha2digit)"
-_DIGIT_GROUP = re.compile(r"(?<=\d)[,.](?=\d{3}\b)")  # 3,757 and 3.757 -> 3757
-
-
-def normalize(text: str) -> str:
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
-
-
-def number_form(text: str, lang: str) -> str:
-    """Numbers in one written form, digits, so "3,757" and "three thousand, seven hundred and fifty-seven" agree
-    (eval.normalize: numbers; Whisper writes digits where references may spell numbers out). Languages text2num
-    does not know keep their words; the text is also normalized (lowercase, punctuation removed)."""
-    from text_to_num import alpha2digit
-
-    text = normalize(_DIGIT_GROUP.sub("", text))
-    try:
-        return alpha2digit(text, lang, threshold=0)
-    except ValueError:  # unsupported language
-        return text
 
 
 def asr_scores(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
