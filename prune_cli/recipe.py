@@ -207,6 +207,12 @@ class EvalConfig:
     normalize: Literal["basic", "numbers"] = "basic"
     # ASR only: joint CTC/attention beam search, (1 - w) * attention + w * CTC prefix score (needs beam_size > 1)
     ctc_weight: float = 0.0
+    # Temperature fallback: decode again at the next temperature when an output's gzip compression ratio is above
+    # compression_ratio_threshold or its average log-probability below logprob_threshold (null: that test off).
+    temperatures: Optional[list[float]] = None  # null: the model family's own (Whisper: 0, 0.2, ..., 1; ours: 0 only)
+    compression_ratio_threshold: Optional[float] = 2.4
+    logprob_threshold: Optional[float] = -1.0
+    best_of: int = 5  # samples per utterance at a temperature above 0
     batch_size: int = 64
     max_wer: Optional[float] = None
     min_bleu: Optional[float] = None
@@ -576,6 +582,11 @@ def _semantic_checks(r: Recipe) -> list[str]:
         errs.append("eval.ctc_weight: joint CTC/attention decoding is a beam search; set eval.beam_size >= 2 (or ctc_weight 0)")
     if r.eval.beam_size < 1:
         errs.append(f"eval.beam_size: must be >= 1, got {r.eval.beam_size}")
+    temps = r.eval.temperatures
+    if temps is not None and (not temps or temps[0] != 0.0 or any(b <= a for a, b in zip(temps, temps[1:]))):
+        errs.append(f"eval.temperatures: must start at 0.0 and rise (e.g. [0.0, 0.2, 0.4]), got {temps}")
+    if r.eval.best_of < 1:
+        errs.append(f"eval.best_of: must be >= 1, got {r.eval.best_of}")
     if r.eval.bootstrap != 0 and r.eval.bootstrap < 100:
         errs.append(f"eval.bootstrap: must be 0 (off) or >= 100 resamples, got {r.eval.bootstrap}")
     if r.tokenizer.vocab_size < 16:

@@ -242,7 +242,7 @@ def test_ctc_prefix_scores_equal_sums_over_alignments() -> None:
 
 def test_joint_ctc_attention_beam_scores_its_hypotheses_exactly() -> None:
     from prune_cli.data.tokenizer import EOS
-    from prune_cli.model.decoding import _beam, _max_steps
+    from prune_cli.model.decoding import _beam, _step_limits
 
     model = tiny(5)
     # An untrained model never ends a hypothesis: favour EOS in the decoder and blanks (short outputs) in CTC.
@@ -260,10 +260,11 @@ def test_joint_ctc_attention_beam_scores_its_hypotheses_exactly() -> None:
     for w in (0.5, 1.0):
         opts = DecodeOptions(beam_size=k, max_len_ratio=0.3, ctc_weight=w, ctc_pre_beam=DIMS.vocab, n_specials=11)
         with torch.inference_mode():
-            seqs, scores = _beam(model, mem, mem_lens, mem_mask, prompt, None, opts)
-            for i, (seq, score) in enumerate(zip(seqs, scores.tolist())):
+            seqs, scores, _ = _beam(model, mem, mem_lens, mem_mask, prompt, None, opts)
+            limits = _step_limits(model, mem_lens, len(prompt), opts).tolist()
+            for i, (seq, score) in enumerate(zip(seqs, scores.view(-1).tolist())):
                 u = i // k
-                if score == float("-inf") or len(seq) == _max_steps(model, mem_lens, len(prompt), opts):
+                if score == float("-inf") or len(seq) == limits[u]:
                     continue  # not a finished hypothesis
                 tokens = torch.tensor([prompt + seq])
                 att_lp = model.decode_logits(tokens, mem[u : u + 1], mem_mask[u : u + 1], None).float().log_softmax(-1)

@@ -41,17 +41,21 @@ def decode_split(
         for start in range(0, len(members), batch_size):
             chunk = members[start : start + batch_size]
             x, lens = (t.to(s.device) for t in model_inputs(split, chunk, s.inputs))
-            for i, ids in zip(chunk, decode(model, x, lens, prompt, pattern, task_opts)):
+            for i, ids in zip(chunk, decode(model, x, lens, prompt, pattern, task_opts, tok.decode)):
                 hyps[i] = tok.decode(ids)
             if bar is not None:
                 bar.advance(len(chunk))
     return hyps
 
 
-def scored_options(cfg: EvalConfig, tok: Tokenizer) -> DecodeOptions:
-    """The decoding whose output eval scores (profile times it too)."""
+def scored_options(cfg: EvalConfig, tok: Tokenizer, model: SpeechModel, seed: int) -> DecodeOptions:
+    """The decoding whose output eval scores (profile times it too): the recipe's, with the model family's
+    temperature fallback unless eval.temperatures names one."""
+    temps = tuple(cfg.temperatures) if cfg.temperatures is not None else model.temperatures
     return DecodeOptions(cfg.beam_size, cfg.length_penalty, cfg.max_len_ratio, ctc_weight=cfg.ctc_weight,
-                         n_specials=tok.n_specials, **token_rules(tok))
+                         n_specials=tok.n_specials, temperatures=temps,
+                         compression_ratio_threshold=cfg.compression_ratio_threshold, logprob_threshold=cfg.logprob_threshold,
+                         best_of=cfg.best_of, seed=seed, **token_rules(tok))
 
 
 def token_rules(tok: Tokenizer) -> dict:
@@ -108,7 +112,7 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     check_scorable(split, idx, s.tokenizer.vocab)
     fallbacks = resolve_contexts(masks, variants, {split.utts[i].context for i in idx}, cfg.unseen_contexts,
                                  Counter(split.utts[i].context for i in idx)) if masks is not None else {}
-    opts = scored_options(cfg, s.tokenizer)
+    opts = scored_options(cfg, s.tokenizer, nets[variants[0]], s.recipe.seed)
     # A subset (some variants or contexts) goes beside the full evaluation, never over it; another set, in its own folder.
     full = eval_set is None and contexts is None and list(variants) == list(cfg.variants)
     if eval_set is not None:

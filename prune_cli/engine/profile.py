@@ -105,7 +105,7 @@ def variant_flops(s: Session, model: SpeechModel, split: Split, groups: dict[str
         u = split.utts[idx[0]]
         prompt = tok.prompt(u.task, u.source_lang, u.target_lang)
         result: list[list[int]] = []
-        rep = count_flops(lambda: result.extend(decode(model, x, lens, prompt, keep_of[ctx], opts)))
+        rep = count_flops(lambda: result.extend(decode(model, x, lens, prompt, keep_of[ctx], opts, tok.decode)))
         out_tokens += sum(len(r) + 1 for r in result)
         total += rep.total
         enc += rep.by_module.get("encoder", 0)
@@ -136,7 +136,7 @@ def profile(s: Session, variants: Sequence[str], eval_set: "EvalSet | None" = No
             groups[u.context].append(i)
     groups = dict(sorted(groups.items()))
     contexts = list(groups)
-    scored = scored_options(s.recipe.eval, s.tokenizer)
+    scored = scored_options(s.recipe.eval, s.tokenizer, models[variants[0]], s.recipe.seed)
     greedy = replace(scored, beam_size=1, length_penalty=0.0, ctc_weight=0.0)
     # The headline latency is that of the decoding eval scores; greedy is timed beside it when that differs.
     decodings = {"e2e": scored} | ({"e2e_greedy": greedy} if scored != greedy else {})
@@ -185,7 +185,7 @@ def profile(s: Session, variants: Sequence[str], eval_set: "EvalSet | None" = No
                             calls[v] = (lambda k=k, m=models[v]: m.encode(x, lens, k))
                         else:
                             o = options_for_task(decodings[part], u.task)
-                            calls[v] = (lambda k=k, m=models[v], o=o: decode(m, x, lens, prompt, k, o))
+                            calls[v] = (lambda k=k, m=models[v], o=o: decode(m, x, lens, prompt, k, o, tok.decode))
                     with torch.inference_mode():
                         # Each new batch shape is warmed for every variant; the order rotates so no variant
                         # is always first after a shape change.
@@ -209,7 +209,7 @@ def profile(s: Session, variants: Sequence[str], eval_set: "EvalSet | None" = No
             x, lens = _batch(s, split, groups[ctx])
             u = split.utts[groups[ctx][0]]
             decode(models[v], x, lens, tok.prompt(u.task, u.source_lang, u.target_lang), keep[v][ctx],
-                   options_for_task(scored, u.task))
+                   options_for_task(scored, u.task), tok.decode)
             summary["variants"][v]["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 2)
     summary["cpu_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     dense = summary["variants"].get(DENSE.name)

@@ -5,12 +5,19 @@ ESPnet/OWSM): the attention decoder's language-model prior adds or drops whole n
 ("siebzehn" -> "siebzehnhundertzehn", "millesettecentotrentasette" -> "millesettecentosette"); the frame-synchronous
 CTC prefix score penalizes text the audio does not support while the beam is still open. CTC is trained on the
 source transcript, so joint decoding applies to ASR only.
+
+Temperature fallback (Whisper's decoders, openai-whisper and faster-whisper alike): an output whose text compresses
+too well (gzip ratio above `compression_ratio_threshold`: a loop such as "1953 1953 1953 ...") or whose average token
+log-probability is below `logprob_threshold` is decoded again by sampling at the next temperature, `best_of`
+samples each; the first attempt that passes both tests is kept, else (faster-whisper's rule) the attempt with the
+best average log-probability among those under the compression threshold, or among all. The encoder runs once.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -31,6 +38,25 @@ class DecodeOptions:
     eos: int = EOS
     suppress: tuple[int, ...] = ()  # never emitted (Whisper's non-speech symbols and prompt tokens)
     suppress_begin: tuple[int, ...] = ()  # not emitted first (Whisper: a bare space, end of text)
+    temperatures: tuple[float, ...] = (0.0,)  # one entry: no fallback; 0.0 decodes as above (greedy or beam)
+    compression_ratio_threshold: float | None = 2.4  # fallback above this gzip ratio of the text (None: test off)
+    logprob_threshold: float | None = -1.0  # fallback below this average log-probability per token (None: off)
+    best_of: int = 5  # samples per utterance at a temperature above 0; the best average log-probability wins
+    seed: int = 0  # the sampling generator's seed: the same batch decodes the same way every time
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]
+    avg_logprob: float  # sum of the tokens' (and the end of text's) log-probabilities / (len(tokens) + 1)
+    compression_ratio: float = 0.0
+    temperature: float = 0.0
+
+
+def compression_ratio(text: str) -> float:
+    """gzip compression ratio of the text, as openai-whisper computes it: a repetition loop compresses well."""
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
 
 
 def _suppressed(logits: torch.Tensor, first: bool, opts: DecodeOptions) -> torch.Tensor:
@@ -42,38 +68,106 @@ def _suppressed(logits: torch.Tensor, first: bool, opts: DecodeOptions) -> torch
     return logits
 
 
-def _max_steps(model: SpeechModel, mem_lens: torch.Tensor, prompt_len: int, opts: DecodeOptions) -> int:
+def _step_limits(model: SpeechModel, mem_lens: torch.Tensor, prompt_len: int, opts: DecodeOptions) -> torch.Tensor:
+    """Each utterance's most output tokens: max_len_ratio per encoder frame of its own audio, within the decoder's
+    positions (so the cap follows the audio's duration, also under Whisper's 30-s padding)."""
     budget = model.dims.max_len - prompt_len
-    return max(1, min(budget, int(opts.max_len_ratio * int(mem_lens.max())) + 2))
+    return (opts.max_len_ratio * mem_lens.float()).long().add(2).clamp(1, max(1, budget))
 
 
 @torch.inference_mode()
 def decode(
     model: SpeechModel, feats: torch.Tensor, lens: torch.Tensor, prompt: Sequence[int],
-    keep: Sequence[bool] | None, opts: DecodeOptions,
+    keep: Sequence[bool] | None, opts: DecodeOptions, text_of: Callable[[list[int]], str] | None = None,
 ) -> list[list[int]]:
-    """Token ids (without prompt and EOS) for each utterance of the batch."""
+    """Token ids (without prompt and EOS) for each utterance of the batch. With more than one temperature, `text_of`
+    (the tokenizer's decode) gives the text whose compression ratio the fallback tests."""
+    return [h.tokens for h in decode_hypotheses(model, feats, lens, prompt, keep, opts, text_of)]
+
+
+@torch.inference_mode()
+def decode_hypotheses(
+    model: SpeechModel, feats: torch.Tensor, lens: torch.Tensor, prompt: Sequence[int],
+    keep: Sequence[bool] | None, opts: DecodeOptions, text_of: Callable[[list[int]], str] | None = None,
+) -> list[Hypothesis]:
+    """The kept hypothesis of each utterance, with its average log-probability, compression ratio and temperature."""
+    fallback = len(opts.temperatures) > 1
+    if fallback and text_of is None:
+        raise ValueError("temperature fallback needs text_of, the tokenizer's decode")
     mem, mem_lens, mem_mask = model.encode(feats, lens, keep)
-    if opts.beam_size > 1:
-        seqs, scores = _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts)
+    b = mem.shape[0]
+    tried: list[list[Hypothesis]] = [[] for _ in range(b)]
+    chosen: list[Hypothesis | None] = [None] * b
+    todo = list(range(b))
+    gen = torch.Generator(device=mem.device).manual_seed(opts.seed)
+    for t in opts.temperatures:
+        rows = torch.tensor(todo, device=mem.device)
+        hyps = _attempt(model, mem[rows], mem_lens[rows], mem_mask[rows], prompt, keep, opts, t, gen)
+        still = []
+        for i, h in zip(todo, hyps):
+            h.temperature = t
+            if text_of is not None:
+                h.compression_ratio = compression_ratio(text_of(h.tokens))
+            tried[i].append(h)
+            if fallback and _needs_fallback(h, opts):
+                still.append(i)
+            else:
+                chosen[i] = h
+        todo = still
+        if not todo:
+            break
+    for i in todo:  # no temperature passed both tests
+        ok = [h for h in tried[i] if opts.compression_ratio_threshold is None or h.compression_ratio <= opts.compression_ratio_threshold]
+        chosen[i] = max(ok or tried[i], key=lambda h: h.avg_logprob)
+    return [h for h in chosen if h is not None]
+
+
+def _needs_fallback(h: Hypothesis, opts: DecodeOptions) -> bool:
+    too_repetitive = opts.compression_ratio_threshold is not None and h.compression_ratio > opts.compression_ratio_threshold
+    too_unsure = opts.logprob_threshold is not None and h.avg_logprob < opts.logprob_threshold
+    return too_repetitive or too_unsure
+
+
+def _attempt(model, mem, mem_lens, mem_mask, prompt, keep, opts: DecodeOptions, temperature: float,  # noqa: ANN001
+             gen: torch.Generator) -> list[Hypothesis]:
+    """One decode of every row: greedy or beam at temperature 0, else the best of `best_of` samples."""
+    b = mem.shape[0]
+    if temperature == 0 and opts.beam_size > 1:
+        seqs, scores, lengths = _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts)
         k = opts.beam_size
-        best = scores.view(-1, k).argmax(-1) + torch.arange(mem.shape[0], device=mem.device) * k
-        return [seqs[i] for i in best.tolist()]
-    return _greedy(model, mem, mem_lens, mem_mask, prompt, keep, opts)
+        norm = scores.view(-1) / (((5.0 + lengths) / 6.0) ** opts.length_penalty)
+        best = (norm.view(-1, k).argmax(-1) + torch.arange(b, device=mem.device) * k).tolist()
+        return [Hypothesis(seqs[i], float(scores.view(-1)[i]) / (lengths[i].item() + 1)) for i in best]
+    n = 1 if temperature == 0 else opts.best_of
+    rep = lambda x: x.repeat_interleave(n, 0)  # noqa: E731
+    seqs, logps = _greedy(model, rep(mem), rep(mem_lens), rep(mem_mask), prompt, keep, opts, temperature, gen)
+    hyps = [Hypothesis(q, lp / (len(q) + 1)) for q, lp in zip(seqs, logps)]
+    return [max(hyps[i * n : (i + 1) * n], key=lambda h: h.avg_logprob) for i in range(b)]
 
 
-def _greedy(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> list[list[int]]:  # noqa: ANN001
+def _greedy(model, mem, mem_lens, mem_mask, prompt, keep, opts, temperature: float = 0.0,  # noqa: ANN001
+            gen: torch.Generator | None = None) -> tuple[list[list[int]], list[float]]:
+    """Greedy (temperature 0) or sampled tokens of each row, and each row's summed log-probability (at temperature 1,
+    as openai-whisper sums them, the end of text included)."""
     b = mem.shape[0]
     tokens = torch.tensor([list(prompt)] * b, device=mem.device)
     cache: dict[str, torch.Tensor] | None = {} if opts.use_cache else None
     eos = opts.eos
     logits = model.decode_logits(tokens, mem, mem_mask, keep, cache=cache)[:, -1]
     done = torch.zeros(b, dtype=torch.bool, device=mem.device)
+    sum_logp = torch.zeros(b, device=mem.device)
+    limits = _step_limits(model, mem_lens, len(prompt), opts)
     out: list[torch.Tensor] = []
-    for step in range(_max_steps(model, mem_lens, len(prompt), opts)):
-        nxt = _suppressed(logits, step == 0, opts).argmax(-1).masked_fill(done, eos)
+    for step in range(int(limits.max())):
+        logits = _suppressed(logits.float(), step == 0, opts)
+        if temperature > 0:
+            nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen)[:, 0]
+        else:
+            nxt = logits.argmax(-1)
+        nxt = nxt.masked_fill(done, eos)
+        sum_logp += logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0].masked_fill(done, 0.0)
         out.append(nxt)
-        done |= nxt == eos
+        done |= (nxt == eos) | (step + 1 >= limits)
         if bool(done.all()):
             break
         if opts.use_cache:
@@ -83,7 +177,7 @@ def _greedy(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> list[list[int
             tokens = torch.cat([tokens, nxt[:, None]], 1)
             logits = model.decode_logits(tokens, mem, mem_mask, keep)[:, -1]
     seqs = torch.stack(out, 1).tolist() if out else [[] for _ in range(b)]
-    return [s[: s.index(eos)] if eos in s else s for s in seqs]
+    return [s[: s.index(eos)] if eos in s else s[: int(n)] for s, n in zip(seqs, limits.tolist())], sum_logp.tolist()
 
 
 def _settled(scores: torch.Tensor, finished: torch.Tensor) -> bool:
@@ -98,8 +192,8 @@ def _settled(scores: torch.Tensor, finished: torch.Tensor) -> bool:
     return bool((best_finished >= best_open).all())
 
 
-def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list[int]], torch.Tensor]:  # noqa: ANN001
-    """All b*k hypotheses (utterance-major, without prompt and EOS) and their length-normalized scores.
+def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """All b*k hypotheses (utterance-major, without prompt and EOS), their summed scores and their lengths.
 
     With ctc_weight w > 0 a hypothesis scores (1 - w) * attention + w * CTC prefix log-probability, and only the
     attention's best `ctc_pre_beam` tokens of each hypothesis are scored by CTC (ESPnet's pre-beam)."""
@@ -123,7 +217,8 @@ def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list
     finished = torch.zeros(b * k, dtype=torch.bool, device=dev)
     lengths = torch.zeros(b * k, device=dev)
     hyp = torch.empty(b * k, 0, dtype=torch.long, device=dev)
-    for _ in range(_max_steps(model, mem_lens, len(prompt), opts)):
+    limits = _step_limits(model, mem_lens, len(prompt), opts).repeat_interleave(k)
+    for step in range(int(limits.max())):
         # A finished beam may only extend with EOS, at no cost, so it keeps its score.
         logp = logp.masked_fill(finished[:, None], float("-inf"))
         logp[finished, eos] = 0.0
@@ -144,7 +239,7 @@ def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list
         hyp = torch.cat([hyp[beam], tok[:, None]], 1)
         was_finished = finished[beam]
         lengths = lengths[beam] + (~was_finished).float()
-        finished = was_finished | (tok == eos)
+        finished = was_finished | (tok == eos) | (step + 1 >= limits)
         scores = top
         if cache is not None:
             for key in list(cache):
@@ -158,6 +253,5 @@ def _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts) -> tuple[list[list
         else:
             logits = model.decode_logits(tokens, mem, mem_mask, keep)
         logp = _suppressed(logits[:, -1].float(), False, opts).log_softmax(-1)
-    norm = scores.view(-1) / (((5.0 + lengths) / 6.0) ** opts.length_penalty)
-    seqs = [s[: s.index(eos)] if eos in s else s for s in hyp.tolist()]
-    return seqs, norm
+    seqs = [s[: s.index(eos)] if eos in s else s[: int(n)] for s, n in zip(hyp.tolist(), limits.tolist())]
+    return seqs, scores, lengths

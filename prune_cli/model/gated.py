@@ -49,6 +49,7 @@ class GatedModel(nn.Module):
     family = ""
     enc_kinds: tuple[str, ...] = ()
     dec_kinds: tuple[str, ...] = ()
+    temperatures: tuple[float, ...] = (0.0,)  # the family's decoding: 0 only, or a temperature fallback (decoding.py)
 
     def __init__(self, dims, removed: Sequence[str]):  # noqa: ANN001
         super().__init__()

@@ -148,6 +148,7 @@ class WhisperModel(GatedModel):
     enc_kinds = ENC_KINDS
     dec_kinds = DEC_KINDS
     ctc = None  # Whisper has no CTC head
+    temperatures = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # openai-whisper's and faster-whisper's fallback
 
     def __init__(self, dims: WhisperDims, removed: Sequence[str] = (), padded_input: bool = True):
         super().__init__(dims, removed)
