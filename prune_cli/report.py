@@ -89,7 +89,7 @@ def replicated_table(summary: dict[str, Any]) -> Table:
 
 
 def profile_table(summary: dict[str, Any]) -> Table:
-    t = Table(title=f"cost on {summary['device']} ({summary['flops_unit']})")
+    t = Table(title=f"cost on {summary['device']} ({summary['flops_unit']}); ratios against {summary.get('reference', 'dense')}")
     for col in ("variant", "sparsity", "GFLOPs", "enc GFLOPs", "dec GFLOPs", "latency ms (median)", "p90",
                 "FLOPs ratio", "latency ratio"):
         t.add_column(col, justify="right" if col != "variant" else "left")
@@ -212,7 +212,7 @@ def write_report(run_dir: Path, recipe_path: str, overrides: list[str]) -> Path:
         ps = _read(run_dir / "profile" / "sets" / info["name"] / "summary.json") if (
             run_dir / "profile" / "sets" / info["name"] / "summary.json").is_file() else {}
         if ps.get("ratios"):
-            lines += [f"Cost on this set ({ps.get('decoding_label', 'greedy')}), pruned/dense: " + "; ".join(
+            lines += [f"Cost on this set ({ps.get('decoding_label', 'greedy')}), against {ps.get('reference', 'dense')}: " + "; ".join(
                 f"{v} FLOPs {r['flops']}, latency {r['latency']}" for v, r in ps["ratios"].items()) + ".", ""]
     if masks:
         lines += ["## Masks", "", "![mask heatmap](plots/masks_context.png)", ""]
@@ -235,8 +235,8 @@ def write_report(run_dir: Path, recipe_path: str, overrides: list[str]) -> Path:
                 for v, d in pr["variants"].items()]
         lines += ["## Cost", "", f"Device: {pr['device']}. {pr['flops_unit']}, encoder + full greedy decode at the real "
                   f"output lengths. Latency: encoder + the decoding eval scores ({label})"
-                  + (", and greedy beside it" if greedy else "") + ". Ratios are pruned/dense from the same run "
-                  "(variants interleaved).", "", markdown_table(hdr, rows), "", "![latency vs FLOPs](plots/cost.png)", ""]
+                  + (", and greedy beside it" if greedy else "") + f". Ratios are against {pr.get('reference', 'dense')}, "
+                  "from the same run (variants interleaved).", "", markdown_table(hdr, rows), "", "![latency vs FLOPs](plots/cost.png)", ""]
         bs_rows = []
         for v, d in pr["variants"].items():
             for bs, parts in d["latency_by_batch"].items():
@@ -248,7 +248,7 @@ def write_report(run_dir: Path, recipe_path: str, overrides: list[str]) -> Path:
     sweep = _read(run_dir / "sweep" / "summary.json")
     if sweep.get("rows"):
         lines += ["## Sweep", "", "More operating points, each trained on this run's base (see `sweep/`). Averages; "
-                  "ratios pruned/dense.", "", markdown_table(*sweep_rows(sweep)), "", "![quality vs cost](plots/pareto.png)", ""]
+                  "ratios against the unpruned reference.", "", markdown_table(*sweep_rows(sweep)), "", "![quality vs cost](plots/pareto.png)", ""]
     if metrics.get("base"):
         lines += ["## Training", "", f"Base: {dumps(metrics['base'], indent=None)}", ""]
     if metrics.get("gates"):
@@ -318,8 +318,9 @@ def headline_rows(run_dir: Path) -> tuple[list[str], list[list[str]]]:
     """The report's headline, one row per evaluated variant: averages, sparsity, FLOPs and latency ratios."""
     ev = _read(run_dir / "eval" / "summary.json")
     pr = _read(run_dir / "profile" / "summary.json")
-    header = ["variant", "avg WER", "avg BLEU", "avg chrF", "sparsity", "FLOPs ratio",
-              f"latency ratio ({pr.get('decoding_label', 'greedy')})"]
+    ref = pr.get("reference", "dense")
+    header = ["variant", "avg WER", "avg BLEU", "avg chrF", "sparsity", f"FLOPs ratio (vs {ref})",
+              f"latency ratio (vs {ref}, {pr.get('decoding_label', 'greedy')})"]
     rows = []
     for v in dict.fromkeys([*ev.get("averages", {}), *pr.get("variants", {})]):
         avg, cost = ev.get("averages", {}).get(v, {}), pr.get("variants", {}).get(v)
@@ -347,7 +348,7 @@ def robustness_table(run_dir: Path) -> Table | None:
 
 def headline_table(run_dir: Path) -> Table:
     header, rows = headline_rows(run_dir)
-    t = Table(title=f"{run_dir}: test-split averages; ratios pruned/dense (details: report.md)")
+    t = Table(title=f"{run_dir}: test-split averages; cost ratios against the unpruned reference (details: report.md)")
     for col in header:
         t.add_column(col, justify="left" if col == "variant" else "right")
     for r in rows:

@@ -614,8 +614,9 @@ def test_dense_tuned_is_the_base_fine_tuned_alike_with_every_module_kept(
     run_dir = tmp_path / "dt"
     shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("sweep", "eval", "profile", "pruned"))
     before = read_json(run_dir / "masks.json")
-    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(run_dir), "--stages", "gates,prune,eval", "--json",
-            "--quiet", "gates.train_dense_tuned=true", "eval.variants=[dense,dense_tuned,context,static]")
+    r = cli("run", "ci_smoke", *smoke_corpus, "--run-dir", str(run_dir), "--stages", "gates,prune,eval,profile,report", "--json",
+            "--quiet", "gates.train_dense_tuned=true", "eval.variants=[dense,dense_tuned,context,static]",
+            "profile.variants=[dense,dense_tuned,context]", "profile.batch_sizes=[1]", "profile.repeats=1")
     assert r.returncode == 0, r.stderr
     masks = read_json(run_dir / "masks.json")
     assert all(all(m) for m in masks["variants"]["dense_tuned"].values())
@@ -639,3 +640,9 @@ def test_dense_tuned_is_the_base_fine_tuned_alike_with_every_module_kept(
     pairs = {(p["a"], p["b"]) for p in ev["comparisons"]["pairs"]}
     assert {("context", "dense_tuned"), ("static", "dense_tuned"), ("dense_tuned", "dense"), ("context", "static")} <= pairs
     assert ("context", "dense_tuned") in pairs and ("dense_tuned", "context") not in pairs
+    # Cost ratios compare the same work: against dense_tuned, the zero-shot dense model included.
+    pr = read_json(run_dir / "profile" / "summary.json")
+    assert pr["reference"] == "dense_tuned" and set(pr["ratios"]) == {"dense", "context"}
+    flops = {v: d["flops"]["total"] for v, d in pr["variants"].items()}
+    assert pr["ratios"]["context"]["flops"] == round(flops["context"] / flops["dense_tuned"], 4)
+    assert "Ratios are against dense_tuned" in (run_dir / "report.md").read_text()

@@ -23,7 +23,7 @@ from prune_cli.model.decoding import DecodeOptions, decode
 from prune_cli.model.flops import count_flops, stable_name
 from prune_cli.model.s2t import SpeechModel
 from prune_cli.progress import progress
-from prune_cli.variants import DENSE, VARIANTS
+from prune_cli.variants import DENSE, DENSE_TUNED, VARIANTS
 
 
 def percentile(xs: Sequence[float], q: float) -> float:
@@ -212,10 +212,14 @@ def profile(s: Session, variants: Sequence[str], eval_set: "EvalSet | None" = No
                    options_for_task(scored, u.task), tok.decode)
             summary["variants"][v]["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 2)
     summary["cpu_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    dense = summary["variants"].get(DENSE.name)
+    # Ratios compare the same work: dense_tuned decodes the pruned variants' domain and output lengths; the zero-shot
+    # dense model of a pretrained family may stop early or run on, so it is the reference only without dense_tuned.
+    reference = DENSE_TUNED.name if DENSE_TUNED.name in summary["variants"] else DENSE.name
+    summary["reference"] = reference
+    dense = summary["variants"].get(reference)
     if dense:
         for v in variants:
-            if v == DENSE.name:
+            if v == reference:
                 continue
             sv = summary["variants"][v]
             summary["ratios"][v] = {
