@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from prune_cli.errors import DiskFullError
+from prune_cli.errors import DiskFullError, WriteError
 
 
 def _file_mode() -> int:
@@ -40,7 +40,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except OSError as e:
         if _disk_full(e):
             raise DiskFullError(f"no space left on device: {path}") from None
-        raise
+        raise WriteError(f"{path}: cannot be written there ({e.strerror or e})") from None
     try:
         os.chmod(tmp, _file_mode())
         yield Path(tmp)

@@ -35,6 +35,10 @@ class DiskFullError(PruneCliError):
     """A write ran out of space; the message names the file. Nothing written before is lost (writes are atomic)."""
 
 
+class WriteError(PruneCliError):
+    """A file cannot be written where it was asked to go; the message names it and says why."""
+
+
 class RunDirInUse(PruneCliError):
     """Another process owns the run dir."""
 

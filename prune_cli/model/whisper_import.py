@@ -76,12 +76,39 @@ def name_map(dims: WhisperDims, fmt: str) -> dict[str, str]:
     return out
 
 
+# Tensors a checkpoint may hold beyond the model's own: the transformers LM head is the token embedding, tied.
+_IGNORED = {"hf": {"proj_out.weight"}, "openai": set()}
+
+
 def _rename(dims: WhisperDims, theirs: StateDict, fmt: str, source: Path) -> StateDict:
+    """Our state dict from theirs; every tensor of the file is used and every one of ours is filled, or it is an error."""
     names = name_map(dims, fmt)
     missing = [t for t in names.values() if t not in theirs]
     if missing:
-        raise CheckpointError(f"{source}: not a complete Whisper checkpoint: missing {len(missing)} tensors, e.g. {missing[0]}")
+        raise CheckpointError(f"{source}: not a complete Whisper checkpoint: missing {len(missing)} tensor(s): "
+                              f"{_first(missing)}")
+    used = set(names.values()) | _IGNORED[fmt]
+    left = [k for k in theirs if k not in used]
+    if left:
+        raise CheckpointError(f"{source}: {len(left)} tensor(s) the Whisper layout of these dims ({dims.enc_layers} encoder "
+                              f"and {dims.dec_layers} decoder layers) does not use: {_first(left)}")
     return {ours: theirs[t].float() for ours, t in names.items()}
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _layers(keys: list[str], pattern: str) -> int:
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def _check_dims(source: Path, said: dict[str, int], found: dict[str, int]) -> None:
+    """A config that disagrees with the weights' shapes is an error naming both values."""
+    diff = [f"{k} {said[k]} (the weights have {found[k]})" for k in found if k in said and said[k] != found[k]]
+    if diff:
+        raise CheckpointError(f"{source}: the config disagrees with the weights: {'; '.join(diff)}")
 
 
 # ---- openai-whisper .pt
@@ -98,34 +125,38 @@ def read_openai(path: Path) -> tuple[WhisperDims, StateDict]:
         raise CheckpointError(f"{path}: openai-whisper dims lack {e}") from None
     if (d.get("n_text_state"), d.get("n_text_head")) != (dims.d_model, dims.heads):
         raise CheckpointError(f"{path}: encoder and decoder widths differ; not a Whisper layout this importer knows")
-    return dims, _rename(dims, blob["model_state_dict"], "openai", path)
+    sd = blob["model_state_dict"]
+    keys = list(sd)
+    try:
+        found = {"n_audio_layer": _layers(keys, r"encoder\.blocks\.(\d+)\."), "n_text_layer": _layers(keys, r"decoder\.blocks\.(\d+)\."),
+                 "n_vocab": sd["decoder.token_embedding.weight"].shape[0], "n_audio_state": sd["decoder.token_embedding.weight"].shape[1],
+                 "n_mels": sd["encoder.conv1.weight"].shape[1], "n_audio_ctx": sd["encoder.positional_embedding"].shape[0],
+                 "n_text_ctx": sd["decoder.positional_embedding"].shape[0]}
+    except (KeyError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a complete openai-whisper state dict (no {e})") from None
+    _check_dims(path, d, found)
+    return dims, _rename(dims, sd, "openai", path)
 
 
 # ---- transformers directory
 def read_hf(path: Path) -> tuple[WhisperDims, StateDict]:
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: unreadable ({e})") from None
+    cfg = _json(path / "config.json")
     if cfg.get("model_type") != "whisper":
         raise CheckpointError(f"{path}: config.json says model_type {cfg.get('model_type')!r}, not 'whisper'")
-    dims = WhisperDims(n_mels=cfg["num_mel_bins"], vocab=cfg["vocab_size"], d_model=cfg["d_model"],
-                       heads=cfg["encoder_attention_heads"], enc_layers=cfg["encoder_layers"],
-                       dec_layers=cfg["decoder_layers"], n_audio_ctx=cfg["max_source_positions"],
-                       max_len=cfg["max_target_positions"])
-    if cfg.get("encoder_ffn_dim", dims.ffn_dim) != dims.ffn_dim or cfg.get("decoder_ffn_dim", dims.ffn_dim) != dims.ffn_dim:
-        raise CheckpointError(f"{path}: FFN width is not 4 x d_model; not a Whisper layout this importer knows")
+    try:
+        dims = WhisperDims(n_mels=cfg["num_mel_bins"], vocab=cfg["vocab_size"], d_model=cfg["d_model"],
+                           heads=cfg["encoder_attention_heads"], enc_layers=cfg["encoder_layers"],
+                           dec_layers=cfg["decoder_layers"], n_audio_ctx=cfg["max_source_positions"],
+                           max_len=cfg["max_target_positions"])
+    except KeyError as e:
+        raise CheckpointError(f"{path / 'config.json'}: no {e} (a transformers WhisperConfig has it)") from None
     theirs: StateDict = {}
     if (path / "model.safetensors.index.json").is_file():
-        from safetensors.torch import load_file
-
-        shards = sorted(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))
-        for shard in shards:
-            theirs.update(load_file(str(path / shard)))
+        index = _json(path / "model.safetensors.index.json")
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            theirs.update(_safetensors(path / shard))
     elif (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        theirs = load_file(str(path / "model.safetensors"))
+        theirs = _safetensors(path / "model.safetensors")
     elif (path / "pytorch_model.bin").is_file():
         theirs = _torch_load(path / "pytorch_model.bin")
     else:
@@ -133,7 +164,35 @@ def read_hf(path: Path) -> tuple[WhisperDims, StateDict]:
     # WhisperModel (no LM head) saves without the "model." prefix.
     if not any(k.startswith("model.") for k in theirs):
         theirs = {f"model.{k}": v for k, v in theirs.items()}
+    keys = list(theirs)
+    try:
+        emb = theirs["model.decoder.embed_tokens.weight"]
+        found = {"encoder_layers": _layers(keys, r"model\.encoder\.layers\.(\d+)\."),
+                 "decoder_layers": _layers(keys, r"model\.decoder\.layers\.(\d+)\."),
+                 "vocab_size": emb.shape[0], "d_model": emb.shape[1],
+                 "num_mel_bins": theirs["model.encoder.conv1.weight"].shape[1],
+                 "max_source_positions": theirs["model.encoder.embed_positions.weight"].shape[0],
+                 "max_target_positions": theirs["model.decoder.embed_positions.weight"].shape[0],
+                 "encoder_ffn_dim": theirs["model.encoder.layers.0.fc1.weight"].shape[0],
+                 "decoder_ffn_dim": theirs["model.decoder.layers.0.fc1.weight"].shape[0]}
+    except (KeyError, IndexError) as e:
+        raise CheckpointError(f"{path}: not a complete transformers Whisper checkpoint (no {e})") from None
+    _check_dims(path / "config.json", cfg, found)
+    if found["encoder_ffn_dim"] != 4 * found["d_model"] or found["decoder_ffn_dim"] != 4 * found["d_model"]:
+        raise CheckpointError(f"{path}: FFN width {found['encoder_ffn_dim']} for d_model {found['d_model']}; Whisper's is "
+                              "4 x d_model, the only layout this importer knows")
     return dims, _rename(dims, theirs, "hf", path)
+
+
+def _safetensors(path: Path) -> StateDict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found (named by the safetensors index)") from None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
 
 
 # ---- CTranslate2 model.bin
@@ -172,6 +231,8 @@ def read_ct2_variables(path: Path, parts: tuple[Path, ...] = ()) -> dict[str, to
             shape = [take("I") for _ in range(take("B"))]
             dtype, nbytes = take("B"), take("I")
             raw = data[pos : pos + nbytes]
+            if len(raw) != nbytes:
+                raise CheckpointError(f"{path}: truncated: variable {name} needs {nbytes} bytes, the file has {len(raw)} left")
             pos += nbytes
             if dtype == 5:
                 arr = torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).float()
@@ -184,32 +245,54 @@ def read_ct2_variables(path: Path, parts: tuple[Path, ...] = ()) -> dict[str, to
             alias, target = string(), string()
             out[alias] = out[target]
     except struct.error:
-        raise CheckpointError(f"{path}: truncated CTranslate2 model file") from None
+        raise CheckpointError(f"{path}: truncated CTranslate2 model file (it ends inside the variable table)") from None
+    except (RuntimeError, ValueError) as e:  # a shape that does not match its bytes
+        raise CheckpointError(f"{path}: damaged CTranslate2 model file ({str(e).splitlines()[0][:120]})") from None
+    if pos != len(data):
+        raise CheckpointError(f"{path}: {len(data) - pos} bytes after the end of the CTranslate2 model; a damaged or "
+                              "concatenated file")
     return out
 
 
 def _ct2_weight(v: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     w = v[f"{name}/weight"]
-    if w.dtype in (torch.int8, torch.int16):  # quantized: one scale per output row
+    if w.dtype in (torch.int8, torch.int16):  # quantized: one scale per output row (convolutions and embeddings too)
         scale = v[f"{name}/weight_scale"].float()
-        return w.float() / (scale[:, None] if scale.dim() else scale)
+        return w.float() / (scale.view(-1, *[1] * (w.dim() - 1)) if scale.dim() else scale)
     return w.float()
 
 
+# Variables of a CTranslate2 WhisperSpec beyond its scalar settings that are not weights: the projection is the
+# embedding (tied), the alignment heads serve word timestamps.
+_CT2_SETTINGS = {"decoder/projection/weight", "decoder/alignment_heads"}
+
+
+class _Used(dict):
+    """A dict that remembers which keys were read."""
+
+    def __init__(self, items: dict) -> None:
+        super().__init__(items)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str):  # noqa: ANN204
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
 def read_ct2(path: Path, parts: tuple[Path, ...] = ()) -> tuple[WhisperDims, StateDict]:
-    v = read_ct2_variables(path / "model.bin", parts)
+    v = _Used(read_ct2_variables(path / "model.bin", parts))
     try:
         n_enc = 1 + max(int(m.group(1)) for k in v if (m := re.match(r"encoder/layer_(\d+)/", k)))
         n_dec = 1 + max(int(m.group(1)) for k in v if (m := re.match(r"decoder/layer_(\d+)/", k)))
-        emb = v["decoder/embeddings/weight"]
+        emb = _ct2_weight(v, "decoder/embeddings")
         dims = WhisperDims(n_mels=v["encoder/conv1/weight"].shape[1], vocab=emb.shape[0], d_model=emb.shape[1],
                            heads=int(v["encoder/num_heads"]), enc_layers=n_enc, dec_layers=n_dec,
                            n_audio_ctx=v["encoder/position_encodings/encodings"].shape[0],
                            max_len=v["decoder/position_encodings/encodings"].shape[0])
         d = dims.d_model
         sd: StateDict = {
-            "encoder.conv1.weight": v["encoder/conv1/weight"].float(), "encoder.conv1.bias": v["encoder/conv1/bias"].float(),
-            "encoder.conv2.weight": v["encoder/conv2/weight"].float(), "encoder.conv2.bias": v["encoder/conv2/bias"].float(),
+            "encoder.conv1.weight": _ct2_weight(v, "encoder/conv1"), "encoder.conv1.bias": v["encoder/conv1/bias"].float(),
+            "encoder.conv2.weight": _ct2_weight(v, "encoder/conv2"), "encoder.conv2.bias": v["encoder/conv2/bias"].float(),
             "encoder.pe": v["encoder/position_encodings/encodings"].float(),
             "decoder.embed.weight": emb.float(), "decoder.pos": v["decoder/position_encodings/encodings"].float(),
         }
@@ -245,6 +328,9 @@ def read_ct2(path: Path, parts: tuple[Path, ...] = ()) -> tuple[WhisperDims, Sta
                 linear(f"{o}.ffn.w2", f"{t}/ffn/linear_1")
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path / 'model.bin'}: not a complete CTranslate2 Whisper model ({e})") from None
+    left = [k for k, t in dict.items(v) if k not in v.read and k not in _CT2_SETTINGS and t.numel() > 1]
+    if left:
+        raise CheckpointError(f"{path / 'model.bin'}: {len(left)} variable(s) the Whisper layout does not use: {_first(left)}")
     return dims, sd
 
 

@@ -1,0 +1,116 @@
+"""The second hostile probe (imported weights, broken audio, empty references, late checks): one test per cause,
+numbered as the probe listed them, each reproducing its trial."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cli
+from prune_cli.errors import CheckpointError
+from prune_cli.model.whisper_import import load_pretrained
+
+transformers = pytest.importorskip("transformers", reason="transformers writes the reference checkpoints")
+
+TINY = dict(vocab_size=51865, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, max_source_positions=16,
+            max_target_positions=24)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("hf")
+    transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(**TINY)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def ct2_dir(hf_dir: Path, tmp_path_factory) -> Path:
+    ct2 = pytest.importorskip("ctranslate2.converters", reason="ctranslate2 writes the reference model.bin")
+    from test_whisper import _processor
+
+    _processor(hf_dir)
+    out = tmp_path_factory.mktemp("ct2") / "m"
+    ct2.TransformersConverter(str(hf_dir)).convert(str(out))
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_01_a_config_that_disagrees_with_the_weights_is_an_error_naming_both(hf_dir: Path, tmp_path: Path) -> None:
+    d = _copy(hf_dir, tmp_path / "lying")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["encoder_layers"] = 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config\.json: the config disagrees with the weights: encoder_layers 1 "
+                                              r"\(the weights have 2\)"):
+        load_pretrained(d)
+    r = cli("model", "import", str(d), "--out", str(tmp_path / "x.pt"))
+    assert r.returncode == 1 and "encoder_layers 1 (the weights have 2)" in r.stderr and not (tmp_path / "x.pt").exists()
+
+
+def test_01_every_tensor_of_the_file_is_used(hf_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(hf_dir, tmp_path / "extra")
+    sd = load_file(str(d / "model.safetensors"))
+    sd["model.encoder.layers.0.extra_adapter.weight"] = torch.zeros(4, 4)
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="1 tensor.* does not use: model.encoder.layers.0.extra_adapter.weight"):
+        load_pretrained(d)
+    del sd["model.encoder.layers.0.extra_adapter.weight"], sd["model.decoder.layers.1.fc2.bias"]
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing 1 tensor.*model.decoder.layers.1.fc2.bias"):
+        load_pretrained(d)
+
+
+def test_01_a_ctranslate2_variable_left_over_is_an_error(ct2_dir: Path, tmp_path: Path) -> None:
+    from prune_cli.model import whisper_import
+
+    load_pretrained(ct2_dir)  # the converter's own file reads, every variable used
+    real = whisper_import.read_ct2_variables
+    try:
+        whisper_import.read_ct2_variables = lambda *a: {**real(*a), "encoder/layer_0/adapter/weight": torch.ones(3, 3)}
+        with pytest.raises(CheckpointError, match="1 variable.* does not use: encoder/layer_0/adapter/weight"):
+            load_pretrained(ct2_dir)
+    finally:
+        whisper_import.read_ct2_variables = real
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.8])
+def test_05_a_truncated_model_bin_names_the_file_and_the_variable(ct2_dir: Path, tmp_path: Path, keep: float) -> None:
+    d = _copy(ct2_dir, tmp_path / "cut")
+    data = (d / "model.bin").read_bytes()
+    (d / "model.bin").write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match=rf"{d / 'model.bin'}: truncated: variable \S+ needs \d+ bytes, the file has \d+ left"):
+        load_pretrained(d)
+
+
+def test_05_random_bytes_as_safetensors_name_the_file(hf_dir: Path, tmp_path: Path) -> None:
+    d = _copy(hf_dir, tmp_path / "noise")
+    (d / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(CheckpointError, match=rf"{d / 'model.safetensors'}: not a readable safetensors file"):
+        load_pretrained(d)
+
+
+def test_05_an_unwritable_out_path_is_one_line_naming_it(hf_dir: Path) -> None:
+    r = cli("model", "import", str(hf_dir), "--out", "/proc/x.pt")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "/proc/x.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_07_bytes_after_the_end_of_model_bin_are_an_error(ct2_dir: Path, tmp_path: Path) -> None:
+    d = _copy(ct2_dir, tmp_path / "tail")
+    with open(d / "model.bin", "ab") as f:
+        f.write(b"\0" * 1000)
+    with pytest.raises(CheckpointError, match="1000 bytes after the end of the CTranslate2 model"):
+        load_pretrained(d)
