@@ -114,3 +114,71 @@ def test_07_bytes_after_the_end_of_model_bin_are_an_error(ct2_dir: Path, tmp_pat
         f.write(b"\0" * 1000)
     with pytest.raises(CheckpointError, match="1000 bytes after the end of the CTranslate2 model"):
         load_pretrained(d)
+
+
+# ---------------------------------------------------------------- audio, references, durations
+
+
+def _asr_en_rows(smoke_corpus: list[str], n: int) -> list[dict]:
+    test = Path(smoke_corpus[1].split("=", 1)[1]) / "test.jsonl"
+    rows = [json.loads(line) for line in test.read_text().splitlines()]
+    out = [r for r in rows if r["task"] == "asr" and r["source_lang"] == "en"][:n]
+    return [{**r, "audio_filepath": str((test.parent / r["audio_filepath"]).resolve())} for r in out]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("fill,message", [(float("nan"), "are not finite (NaN or Inf)"), (float("inf"), "are not finite"),
+                                          (0.0, "every sample is zero")])
+def test_02_broken_audio_is_an_error_naming_the_file_in_check_and_eval(
+        tmp_path: Path, smoke_run: Path, smoke_corpus: list[str], fill: float, message: str) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    from prune_cli.data.check import check_manifest
+    from prune_cli.recipe import ContextDefaults
+
+    bad = tmp_path / "bad.wav"
+    audio = np.full(16000, 0.1, np.float32)
+    audio[100:200] = fill
+    if fill == 0.0:
+        audio[:] = 0.0
+    sf.write(bad, audio, 16000, subtype="FLOAT")
+    rows = _asr_en_rows(smoke_corpus, 2)
+    m = _write(tmp_path / "m.jsonl", rows + [{**rows[0], "utt_id": "bad", "audio_filepath": str(bad)}])
+    report = check_manifest(m, 16000, 0.05, ContextDefaults())
+    assert report.problems == [f"{m}:3: {bad}: " + report.problems[0].split(f"{bad}: ", 1)[1]]
+    assert message in report.problems[0]
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns(".lock", "sweep"))
+    r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(run), "--manifest", str(m), "--name", "bad")
+    assert r.returncode == 1 and f"{m}:3: {bad}" in r.stderr and message in r.stderr, r.stderr
+    assert not (run / "eval" / "sets" / "bad").exists()
+    r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(run), "--manifest", str(m), "--name", "bad",
+            "data.on_error=skip", "--variants", "dense")
+    assert r.returncode == 0 and f"skipped {m}:3: {bad}" in r.stderr, r.stderr
+    assert json.loads((run / "eval" / "sets" / "bad" / "summary.json").read_text())["variants"]["dense"]["asr:en"]["n"] == 2
+
+
+def test_03_and_04_an_empty_reference_is_refused_and_a_lying_duration_warned(
+        tmp_path: Path, smoke_run: Path, smoke_corpus: list[str]) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns(".lock", "sweep"))
+    rows = _asr_en_rows(smoke_corpus, 2)
+    empty = _write(tmp_path / "empty.jsonl", [rows[0], {**rows[1], "text": "?! \U0001f600"}])
+    r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(run), "--manifest", str(empty), "--name", "empty")
+    assert r.returncode == 1 and f"{empty}:2: the reference '?! \U0001f600' is empty once normalized" in r.stderr, r.stderr
+    assert not (run / "eval" / "sets" / "empty").exists()
+    lying = _write(tmp_path / "lying.jsonl", [rows[0], {**rows[1], "duration": 500}])
+    r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(run), "--manifest", str(lying), "--name", "lying",
+            "--variants", "dense")
+    assert r.returncode == 0, r.stderr
+    assert "1 utterance(s) whose manifest duration is more than 10% off the audio" in r.stderr
+    assert f"{lying}:2: duration 500 s, the audio is" in r.stderr

@@ -62,6 +62,11 @@ def load_audio(path: Path, sample_rate: int) -> torch.Tensor:
         raise DataError(f"corrupt or unreadable audio {path}: {e}") from None
     if data.shape[0] == 0:
         raise DataError(f"empty audio {path}")
+    bad = int(data.size - np.isfinite(data).sum())
+    if bad:  # a float file can hold them; every feature and score downstream would be silently wrong
+        raise DataError(f"{path}: {bad} of {data.size} samples are not finite (NaN or Inf); expected audio samples")
+    if not data.any():
+        raise DataError(f"{path}: every sample is zero (digital silence); expected speech")
     wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
     if sr != sample_rate:
         wav = AF.resample(wav, sr, sample_rate)

@@ -70,6 +70,8 @@ def load_split(spec: SplitSpec, cache: Path | None = None) -> Split:
     good: list[Utterance] = []
     feats: list[torch.Tensor] = []
     too_long: list[str] = []
+    bad: list[str] = []  # what on_error=skip skipped, for the warning
+    off_duration: list[str] = []
     skipped = len(problems)
     with progress(f"features {name}", total=len(utts)) as bar:
         for u in utts:
@@ -79,8 +81,12 @@ def load_split(spec: SplitSpec, cache: Path | None = None) -> Split:
             except DataError as e:
                 if fail:
                     raise DataError(f"{u.where}: {e.problems[0]}") from None
+                bad.append(f"{u.where}: {e.problems[0]}")
                 skipped += 1
                 continue
+            actual = wav.shape[0] / spec.sample_rate
+            if u.duration and abs(u.duration - actual) > 0.1 * actual:
+                off_duration.append(f"{u.where}: duration {u.duration:g} s, the audio is {actual:.2f} s")
             f = whisper_frames(wav, spec.n_mels) if spec.frontend == "whisper" else fbank(wav, spec.sample_rate, spec.n_mels)
             if f.shape[0] < 8:
                 if fail:
@@ -99,6 +105,11 @@ def load_split(spec: SplitSpec, cache: Path | None = None) -> Split:
                                     "(data.on_error=skip skips them)"])
     if skipped:
         log(f"{name}: skipped {skipped} bad utterance(s) (data.on_error=skip)")
+    for line in bad[:3]:
+        warn(f"skipped {line}")
+    if off_duration:  # the audio is what is decoded; a wrong duration misleads whoever reads the manifest
+        warn(f"{spec.path}: {len(off_duration)} utterance(s) whose manifest duration is more than 10% off the audio, "
+             f"e.g. {off_duration[0]}")
     defaulted = sum(u.context_defaulted for u in good)
     if defaulted:
         d = spec.defaults

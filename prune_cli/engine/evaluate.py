@@ -12,6 +12,7 @@ from prune_cli.atomic import atomic_write_json, atomic_write_text, json_safe
 from prune_cli.contexts import TASKS, ContextVocab
 from prune_cli.data.batching import Split, model_inputs
 from prune_cli.data.normalize import NORMALIZATION, NUMBERS_NORMALIZATION, number_form
+from prune_cli.data.normalize import normalize as basic_normalize
 from prune_cli.data.tokenizer import Tokenizer
 from prune_cli.engine.compare import comparison_pairs, paired_bootstrap
 from prune_cli.engine.masking import group_by_pattern, utterance_patterns
@@ -110,6 +111,7 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
            if contexts is None or split.utts[i].context in contexts]
     nets = {v: s.variant_model(v) for v in variants}  # unreadable or mismatched checkpoints first
     check_scorable(split, idx, s.tokenizer.vocab)
+    check_references(split, idx, cfg.normalize)
     fallbacks = resolve_contexts(masks, variants, {split.utts[i].context for i in idx}, cfg.unseen_contexts,
                                  Counter(split.utts[i].context for i in idx)) if masks is not None else {}
     opts = scored_options(cfg, s.tokenizer, nets[variants[0]], s.recipe.seed)
@@ -149,7 +151,7 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
                 lang = u0.source_lang if task == "asr" else u0.target_lang
                 raw_refs = [split.utts[i].text for i in members]
                 raw_hs = [hyps[i] for i in members]
-                form = (lambda t: number_form(t, lang)) if cfg.normalize == "numbers" else (lambda t: t)  # noqa: E731
+                form = scoring_form(cfg.normalize, task, lang)
                 refs, hs = [form(t) for t in raw_refs], [form(t) for t in raw_hs]
                 tasks[ctx], refs_by_ctx[ctx] = task, refs
                 hyps_by_variant.setdefault(variant, {})[ctx] = hs
@@ -209,6 +211,25 @@ def check_scorable(split: Split, idx: Sequence[int], vocab: ContextVocab) -> Non
                             f"task {u.task} trains, prunes and profiles, but has no metric")
     if problems:
         raise DataError(problems)
+
+
+def scoring_form(normalize: str, task: str, lang: str):  # noqa: ANN201
+    """The text form scoring compares: numbers as digits (eval.normalize: numbers) in the scored language, or as is
+    (the metrics normalize case and punctuation themselves)."""
+    return (lambda t: number_form(t, lang)) if normalize == "numbers" else (lambda t: t)
+
+
+def check_references(split: Split, idx: Sequence[int], normalize: str) -> None:
+    """Before decoding: a reference with nothing left to score after normalization (only emoji or punctuation) is an
+    error naming its line, not a WER of 200."""
+    problems = []
+    for i in idx:
+        u = split.utts[i]
+        lang = u.source_lang if u.task == "asr" else u.target_lang
+        if not basic_normalize(scoring_form(normalize, u.task, lang)(u.text)):
+            problems.append(f"{u.where}: the reference {u.text!r} is empty once normalized ({NORMALIZATION}); nothing to score")
+    if problems:
+        raise DataError(problems + [f"{len(problems)} reference(s) with nothing to score"])
 
 
 def resolve_contexts(masks: MaskFile, variants: Sequence[str], contexts: set[str], policy: str,
