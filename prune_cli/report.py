@@ -89,7 +89,7 @@ def replicated_table(summary: dict[str, Any]) -> Table:
 
 
 def profile_table(summary: dict[str, Any]) -> Table:
-    t = Table(title=f"cost on {summary['device']} ({summary['flops_unit']}); ratios against {summary.get('reference', 'dense')}")
+    t = Table(title=f"cost on {summary['device']} ({summary['flops_unit']}); ratios against {summary.get('reference', DENSE.name)}")
     for col in ("variant", "sparsity", "GFLOPs", "enc GFLOPs", "dec GFLOPs", "latency ms (median)", "p90",
                 "FLOPs ratio", "latency ratio"):
         t.add_column(col, justify="right" if col != "variant" else "left")
@@ -212,7 +212,7 @@ def write_report(run_dir: Path, recipe_path: str, overrides: list[str]) -> Path:
         ps = _read(run_dir / "profile" / "sets" / info["name"] / "summary.json") if (
             run_dir / "profile" / "sets" / info["name"] / "summary.json").is_file() else {}
         if ps.get("ratios"):
-            lines += [f"Cost on this set ({ps.get('decoding_label', 'greedy')}), against {ps.get('reference', 'dense')}: " + "; ".join(
+            lines += [f"Cost on this set ({ps.get('decoding_label', 'greedy')}), against {ps.get('reference', DENSE.name)}: " + "; ".join(
                 f"{v} FLOPs {r['flops']}, latency {r['latency']}" for v, r in ps["ratios"].items()) + ".", ""]
     if masks:
         lines += ["## Masks", "", "![mask heatmap](plots/masks_context.png)", ""]
@@ -235,7 +235,7 @@ def write_report(run_dir: Path, recipe_path: str, overrides: list[str]) -> Path:
                 for v, d in pr["variants"].items()]
         lines += ["## Cost", "", f"Device: {pr['device']}. {pr['flops_unit']}, encoder + full greedy decode at the real "
                   f"output lengths. Latency: encoder + the decoding eval scores ({label})"
-                  + (", and greedy beside it" if greedy else "") + f". Ratios are against {pr.get('reference', 'dense')}, "
+                  + (", and greedy beside it" if greedy else "") + f". Ratios are against {pr.get('reference', DENSE.name)}, "
                   "from the same run (variants interleaved).", "", markdown_table(hdr, rows), "", "![latency vs FLOPs](plots/cost.png)", ""]
         bs_rows = []
         for v, d in pr["variants"].items():
@@ -318,7 +318,7 @@ def headline_rows(run_dir: Path) -> tuple[list[str], list[list[str]]]:
     """The report's headline, one row per evaluated variant: averages, sparsity, FLOPs and latency ratios."""
     ev = _read(run_dir / "eval" / "summary.json")
     pr = _read(run_dir / "profile" / "summary.json")
-    ref = pr.get("reference", "dense")
+    ref = pr.get("reference", DENSE.name)
     header = ["variant", "avg WER", "avg BLEU", "avg chrF", "sparsity", f"FLOPs ratio (vs {ref})",
               f"latency ratio (vs {ref}, {pr.get('decoding_label', 'greedy')})"]
     rows = []

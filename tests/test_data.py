@@ -144,7 +144,7 @@ def test_data_check_finds_planted_errors_with_line_numbers(tmp_path: Path, smoke
 
 def test_wrong_sample_rate_is_reported(tmp_path: Path) -> None:
     wav = tmp_path / "a.wav"
-    sf.write(wav, torch.zeros(8000).numpy(), 8000)
+    sf.write(wav, 0.1 * torch.sin(torch.arange(8000) * 0.3).numpy(), 8000)  # a tone: silence is an error of its own
     m = tmp_path / "m.jsonl"
     m.write_text(json.dumps({"audio_filepath": "a.wav", "duration": 1.0, "text": "one"}) + "\n")
     _, problems, *_ = check_manifest(m, 16000, 0.05, ContextDefaults("asr", "en"))
