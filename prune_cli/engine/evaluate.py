@@ -148,10 +148,9 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
                 members = by_ctx[ctx]
                 task = split.utts[members[0]].task
                 u0 = split.utts[members[0]]
-                lang = u0.source_lang if task == "asr" else u0.target_lang
                 raw_refs = [split.utts[i].text for i in members]
                 raw_hs = [hyps[i] for i in members]
-                form = scoring_form(cfg.normalize, task, lang)
+                form = scoring_form(cfg.normalize, task, u0.source_lang, u0.target_lang)
                 refs, hs = [form(t) for t in raw_refs], [form(t) for t in raw_hs]
                 tasks[ctx], refs_by_ctx[ctx] = task, refs
                 hyps_by_variant.setdefault(variant, {})[ctx] = hs
@@ -213,9 +212,10 @@ def check_scorable(split: Split, idx: Sequence[int], vocab: ContextVocab) -> Non
         raise DataError(problems)
 
 
-def scoring_form(normalize: str, task: str, lang: str):  # noqa: ANN201
-    """The text form scoring compares: numbers as digits (eval.normalize: numbers) in the scored language, or as is
-    (the metrics normalize case and punctuation themselves)."""
+def scoring_form(normalize: str, task: str, source_lang: str, target_lang: str):  # noqa: ANN201
+    """The text form scoring compares: numbers as digits (eval.normalize: numbers) in the language scored (the
+    source's for ASR, the target's for ST), or as is (the metrics normalize case and punctuation themselves)."""
+    lang = source_lang if task == "asr" else target_lang
     return (lambda t: number_form(t, lang)) if normalize == "numbers" else (lambda t: t)
 
 
@@ -225,8 +225,7 @@ def check_references(split: Split, idx: Sequence[int], normalize: str) -> None:
     problems = []
     for i in idx:
         u = split.utts[i]
-        lang = u.source_lang if u.task == "asr" else u.target_lang
-        if not basic_normalize(scoring_form(normalize, u.task, lang)(u.text)):
+        if not basic_normalize(scoring_form(normalize, u.task, u.source_lang, u.target_lang)(u.text)):
             problems.append(f"{u.where}: the reference {u.text!r} is empty once normalized ({NORMALIZATION}); nothing to score")
     if problems:
         raise DataError(problems + [f"{len(problems)} reference(s) with nothing to score"])

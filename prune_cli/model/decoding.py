@@ -106,7 +106,7 @@ def decode_hypotheses(
         still = []
         for i, h in zip(todo, hyps):
             h.temperature = t
-            if text_of is not None:
+            if fallback:  # the text is needed only for the fallback's test
                 h.compression_ratio = compression_ratio(text_of(h.tokens))
             tried[i].append(h)
             if fallback and _needs_fallback(h, opts):
@@ -117,15 +117,18 @@ def decode_hypotheses(
         if not todo:
             break
     for i in todo:  # no temperature passed both tests
-        ok = [h for h in tried[i] if opts.compression_ratio_threshold is None or h.compression_ratio <= opts.compression_ratio_threshold]
+        ok = [h for h in tried[i] if not _repetitive(h, opts)]
         chosen[i] = max(ok or tried[i], key=lambda h: h.avg_logprob)
     return [h for h in chosen if h is not None]
 
 
+def _repetitive(h: Hypothesis, opts: DecodeOptions) -> bool:
+    return opts.compression_ratio_threshold is not None and h.compression_ratio > opts.compression_ratio_threshold
+
+
 def _needs_fallback(h: Hypothesis, opts: DecodeOptions) -> bool:
-    too_repetitive = opts.compression_ratio_threshold is not None and h.compression_ratio > opts.compression_ratio_threshold
     too_unsure = opts.logprob_threshold is not None and h.avg_logprob < opts.logprob_threshold
-    return too_repetitive or too_unsure
+    return _repetitive(h, opts) or too_unsure
 
 
 def _attempt(model, mem, mem_lens, mem_mask, prompt, keep, opts: DecodeOptions, temperature: float,  # noqa: ANN001
