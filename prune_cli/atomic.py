@@ -90,6 +90,32 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
+def load_plain(path: Path, what: str = "checkpoint") -> Any:
+    """A torch file read as plain tensors and containers only (weights_only=True): a file that needs code to rebuild
+    is refused, in one line naming the object it wanted; torch's warnings stay quiet."""
+    import pickle
+    import re
+    import warnings
+
+    import torch
+
+    from prune_cli.errors import CheckpointError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found is None:  # not a refusal: a damaged or foreign file
+            raise CheckpointError(f"{path}: unreadable {what} (not a torch file of tensors)") from None
+        raise CheckpointError(f"{path}: refused: the {what} holds a Python object ({found.group(1)}) that only running "
+                              "code could rebuild; prune-cli reads plain tensors only") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: unreadable {what} ({type(e).__name__}: {first})") from None
+
+
 def atomic_savefig(fig: Any, path: Path, dpi: int = 110) -> None:
     """A matplotlib figure as PNG, written atomically (a killed command leaves no 0-byte plot)."""
     with atomic_path(path) as tmp:

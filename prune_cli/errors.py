@@ -45,3 +45,8 @@ class RunDirInUse(PruneCliError):
 
 class TrainingError(PruneCliError):
     """Training diverged (a non-finite loss): nothing is saved and the stage is not marked complete."""
+
+
+def first_few(items: list[str], n: int = 3, sep: str = "; ") -> str:
+    """The first n of a list of problems or names for a one-line message, and how many more there are."""
+    return sep.join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")

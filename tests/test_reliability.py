@@ -189,7 +189,7 @@ def test_08_no_pickle_loading_and_a_malicious_checkpoint_runs_nothing(tmp_path: 
             return (os.system, (f"touch {marker}",))
 
     torch.save({"kind": "prune-cli/model", "dims": {}, "removed": [], "state_dict": Evil()}, tmp_path / "base.pt")
-    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"refused: the checkpoint holds a Python object \(posix.system\)"):
         load_model(tmp_path / "base.pt")
     assert not marker.exists()
 

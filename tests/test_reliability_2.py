@@ -182,3 +182,84 @@ def test_03_and_04_an_empty_reference_is_refused_and_a_lying_duration_warned(
     assert r.returncode == 0, r.stderr
     assert "1 utterance(s) whose manifest duration is more than 10% off the audio" in r.stderr
     assert f"{lying}:2: duration 500 s, the audio is" in r.stderr
+
+
+# ---------------------------------------------------------------- messages that say what is wrong
+
+
+def test_06_a_d_model_mismatch_is_named_as_such(hf_dir: Path, tmp_path: Path) -> None:
+    d = _copy(hf_dir, tmp_path / "dmodel")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["d_model"] = 32
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"d_model 32 \(the weights have 64\)") as e:
+        load_pretrained(d)
+    assert "FFN" not in str(e.value)
+
+
+def test_06_a_shape_mismatch_names_the_tensor(tmp_path: Path) -> None:
+    from prune_cli.model.checkpoint import load_model, save_model
+    from prune_cli.model.whisper import WhisperDims, WhisperModel
+
+    model = WhisperModel(WhisperDims(n_mels=8, vocab=64, d_model=16, heads=2, enc_layers=1, dec_layers=1, n_audio_ctx=8, max_len=16))
+    save_model(tmp_path / "m.pt", model)
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)
+    blob["state_dict"]["decoder.layers.0.ffn.w1.weight"] = torch.zeros(32, 16)
+    torch.save(blob, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\) do not fit .*decoder\.layers\.0\.ffn\.w1\.weight: the file has "
+                                              r"shape \[32, 16\], the model needs \[64, 16\]"):
+        load_model(tmp_path / "m.pt")
+
+
+def test_06_the_pickle_refusal_is_whole_and_quiet(tmp_path: Path) -> None:
+    import os
+
+    class Evil:  # unpickling it would run a shell command
+        def __reduce__(self):  # noqa: ANN204
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": Evil()}, evil)
+    r = cli("model", "import", str(evil), "--out", str(tmp_path / "x.pt"))
+    assert r.returncode == 1
+    assert r.stderr == (f"error: {evil}: refused: the Whisper checkpoint holds a Python object (posix.system) that only "
+                        "running code could rebuild; prune-cli reads plain tensors only\n")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_06_an_st_line_without_target_lang_says_so(tmp_path: Path) -> None:
+    from prune_cli.data.manifest import parse_row
+    from prune_cli.recipe import ContextDefaults
+
+    row = {"audio_filepath": "a.wav", "text": "forty", "task": "st", "source_lang": "de"}
+    utt, problems = parse_row(row, "m.jsonl:4", tmp_path, ContextDefaults())
+    assert utt is None and problems == ["m.jsonl:4: an st utterance names no target_lang (the language its text is in); "
+                                        "add the field, or give data.defaults.target_lang / --context TASK:SRC-TGT"]
+    utt, problems = parse_row(row, "m.jsonl:4", tmp_path, ContextDefaults(target_lang="en"))
+    assert problems == [] and utt is not None and utt.context == "st:de-en"
+
+
+# ---------------------------------------------------------------- early checks and recorded paths
+
+
+def test_07_a_missing_pretrained_model_fails_before_any_stage_and_leaves_nothing(tmp_path: Path) -> None:
+    run = tmp_path / "w"
+    r = cli("run", "whisper_base", "model.pretrained=/nonexistent", "--run-dir", str(run),
+            "--set", f"data.manifest_dir={tmp_path / 'm'}", "--set", f"data.synth.out_dir={tmp_path / 'c'}")
+    assert r.returncode == 1, r.stderr
+    assert "model.pretrained: /nonexistent: not found" in r.stderr
+    assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()  # synth never started
+    assert not (run / "checkpoints").exists()
+
+
+def test_07_a_sets_manifest_path_is_recorded_absolute(tmp_path: Path, smoke_run: Path, smoke_corpus: list[str]) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns(".lock", "sweep"))
+    _write(tmp_path / "rel.jsonl", _asr_en_rows(smoke_corpus, 2))
+    r = cli("eval", "ci_smoke", *smoke_corpus, "--run-dir", str(run), "--manifest", "rel.jsonl", "--variants", "dense",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((run / "eval" / "sets" / "rel" / "summary.json").read_text())
+    assert summary["set"]["manifest"] == str((tmp_path / "rel.jsonl").resolve())

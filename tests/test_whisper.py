@@ -126,7 +126,7 @@ def test_importers_refuse_what_they_cannot_read(tmp_path):
     from prune_cli.errors import CheckpointError
 
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="unreadable as plain tensors"):
+    with pytest.raises(CheckpointError, match="unreadable Whisper checkpoint"):
         load_pretrained(tmp_path / "x.pt")
     (tmp_path / "ct2").mkdir()
     (tmp_path / "ct2" / "model.bin").write_bytes((6).to_bytes(4, "little") + b"\x03\x00ab")

@@ -79,6 +79,9 @@ def parse_row(row: object, where: str, base: Path, defaults: ContextDefaults) ->
     tgt = row.get("target_lang") or defaults.target_lang or src
     if task is None or src is None:
         return None, probs + [f"{where}: {NO_CONTEXT}"]
+    if task == "st" and not (row.get("target_lang") or defaults.target_lang):  # a translation's target is never implied
+        return None, probs + [f"{where}: an st utterance names no target_lang (the language its text is in); "
+                              "add the field, or give data.defaults.target_lang / --context TASK:SRC-TGT"]
     probs += [f"{where}: {p}" for p in _context_problems(task, src, tgt)]
     duration = row.get("duration")
     if duration is not None and (not isinstance(duration, (int, float)) or duration <= 0):

@@ -91,7 +91,7 @@ class EvalSet:
 
     def record(self, utterances: dict[str, int]) -> dict[str, Any]:
         """What a summary says of the set it measured: `utterances` per context."""
-        return {"name": self.name, "manifest": str(self.path), "fingerprint": self.fingerprint,
+        return {"name": self.name, "manifest": str(self.path.resolve()), "fingerprint": self.fingerprint,
                 "utterances": dict(sorted(utterances.items())), "context_defaulted": self.defaulted}
 
 

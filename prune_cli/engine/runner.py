@@ -58,7 +58,8 @@ def synthesize(r: Recipe) -> dict[str, Any]:
 def stage_base(s: Session) -> dict[str, Any]:
     from prune_cli.engine.train import train_base
 
-    _fresh_if_changed(s, "base", ["base"])
+    if not s.is_whisper:  # a pretrained base is imported, not trained: no loop checkpoints to stamp
+        _fresh_if_changed(s, "base", ["base"])
     return train_base(s)
 
 
@@ -179,6 +180,13 @@ def run_stages(s: Session, stages: list[str], force: list[str], recipe_path: str
 
     results: dict[str, Any] = {}
     forced_from = min((STAGES.index(f) for f in force), default=len(STAGES))
+    base_due = "base" in stages and (STAGES.index("base") >= forced_from or not (skip_current and is_complete(s, "base")))
+    if s.is_whisper and base_due:  # before synth spends minutes: the pretrained model must be there to import
+        from prune_cli.model.whisper_import import pretrained_problem
+
+        problem = pretrained_problem(s.recipe.model.pretrained)
+        if problem:
+            raise MissingInputError(f"model.pretrained: {problem}")
     for stage in stages:
         if STAGES.index(stage) >= forced_from and stage in STAGE_FUNCS:
             reset_stage(s, stage)

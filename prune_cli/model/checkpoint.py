@@ -6,10 +6,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Union
 
-import torch
-
-from prune_cli.atomic import atomic_torch_save
-from prune_cli.errors import CheckpointError, MissingInputError
+from prune_cli.atomic import atomic_torch_save, load_plain
+from prune_cli.errors import CheckpointError, MissingInputError, first_few
 from prune_cli.model.s2t import ModelDims, SpeechModel
 from prune_cli.model.whisper import WhisperDims, WhisperModel
 
@@ -27,10 +25,7 @@ def save_model(path: Path, model: Model, **extra: Any) -> None:
 def read_checkpoint(path: Path, kind: str, producer: str) -> dict[str, Any]:
     if not path.is_file():
         raise MissingInputError(f"{path}: checkpoint not found; produce it with `{producer}`")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)  # plain data only: never code from a file
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    blob = load_plain(path)  # plain data only: never code from a file
     if not isinstance(blob, dict) or blob.get("kind") != kind:
         raise CheckpointError(f"{path}: not a {kind} checkpoint")
     return blob
@@ -43,7 +38,11 @@ def load_model(path: Path, producer: str = "prune-cli train RECIPE") -> tuple[Mo
             model: Model = WhisperModel(WhisperDims(**blob["dims"]), removed=blob["removed"])
         else:
             model = SpeechModel(ModelDims(**blob["dims"]), removed=blob["removed"])
+        problems = model.weight_problems(blob["state_dict"])
+        if problems:
+            raise CheckpointError(f"{path}: {len(problems)} tensor(s) do not fit the model its dims describe: "
+                                  + first_few(problems))
         model.load_state_dict(blob["state_dict"])
-    except (TypeError, KeyError, RuntimeError, ValueError) as e:
+    except (TypeError, KeyError, RuntimeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: checkpoint does not match the model code ({str(e).splitlines()[0][:160]})") from None
     return model, blob

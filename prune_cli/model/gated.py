@@ -88,6 +88,14 @@ class GatedModel(nn.Module):
         _, dec_g = self.layer_gates(keep, scale)
         return self.decoder(tokens, mem, mem_mask, dec_g, cache, offset)
 
+    def weight_problems(self, sd: dict[str, torch.Tensor]) -> list[str]:
+        """Why `sd` does not load into this model, one line per tensor by name (empty: it loads)."""
+        own = self.state_dict()
+        out = [f"{k}: the file has shape {list(sd[k].shape)}, the model needs {list(v.shape)}"
+               for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+        out += [f"{k}: missing" for k in own if k not in sd]
+        return out + [f"{k}: not part of the model" for k in sd if k not in own]
+
     def arch_hash(self) -> str:
         """Identifies the full (unmaterialized) architecture; mask files carry it."""
         family = {"family": self.family} if self.family != "ebranchformer" else {}  # the E-Branchformer's hash as it was

