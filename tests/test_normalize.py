@@ -11,7 +11,8 @@ EQUAL = {
     "en": [(1953, "year", "1953"), (1905, "year", "1905."), (2005, "year", "2005"), (2023, "year", "2023"),
            (1100, "year", "1100"), (2050, "year", "2050"), (23, "ordinal", "23rd"), (1, "ordinal", "1st"),
            (101, "ordinal", "101st"), (999, "ordinal", "999th"), (12, "ordinal", "12th"), (7316, "cardinal", "7,316"),
-           (7316, "cardinal", "7316."), (1000, "cardinal", "1,000"), (0, "cardinal", "0"), (153, "cardinal", "153")],
+           (7316, "cardinal", "7316."), (1000, "cardinal", "1,000"), (0, "cardinal", "0"), (153, "cardinal", "153"),
+           (802, "cardinal", "800 and 2"), (741, "ordinal", "700 and 41st"), (7009, "cardinal", "7,000 and 9")],
     "de": [(1953, "year", "1953"), (1100, "year", "1100"), (2005, "year", "2005"), (23, "ordinal", "23."),
            (1, "ordinal", "1."), (101, "ordinal", "101."), (999, "ordinal", "999."), (23, "cardinal", "23."),
            (7316, "cardinal", "7.316"), (7316, "cardinal", "7316"), (5000, "cardinal", "5 000"), (0, "cardinal", "0"),
@@ -33,7 +34,7 @@ EQUAL = {
 # Pairs that must stay apart: another number, or an ordinal against a cardinal where the language marks it.
 DIFFERENT = {
     "en": [("twenty-third", "23"), ("nineteen fifty-three", "1935"), ("seven thousand three hundred", "7,316"),
-           ("first", "1")],
+           ("first", "1"), ("eight hundred and two", "800 and 20")],
     "de": [("dreiundzwanzig", "32"), ("am dreiundzwanzigsten mai", "am 23 mai"), ("siebentausend", "7.316")],
     "fr": [("vingt-troisième", "23"), ("soixante et onze", "61"), ("premier", "1")],
     "es": [("vigésimo tercero", "23"), ("dieciséis", "6")],
@@ -60,6 +61,7 @@ def test_a_different_number_stays_different(lang, ref, written):
 def test_words_around_numbers_are_normalized_too():
     assert number_form("In Nineteen Fifty-Three, we won!", "en") == "in 1953 we won"
     assert number_form("Am 23. Mai.", "de") == "am 23º mai"
+    assert number_form("Between 800 and 900.", "en") == "between 800 and 900"  # 900 is no tail of 800
 
 
 def test_a_language_text2num_does_not_know_keeps_its_words():

@@ -6,7 +6,9 @@ and a reference saying "nineteen fifty-three", "twenty-third" or "seven thousand
 
 - cardinals: words -> digits (text2num's alpha2digit); digit groups joined ("7,316", "7.316", "7 316" -> 7316);
 - ordinals: every language's written markers ("23rd", "23.", "23e", "23ème", "23º", "23ª", "23°") -> "23º";
-- English years said in pairs: "nineteen fifty-three" -> "19 53" -> "1953"; "nineteen oh five" -> "1905".
+- English years said in pairs: "nineteen fifty-three" -> "19 53" -> "1953"; "nineteen oh five" -> "1905";
+- English digits joined by the spoken "and" of hundreds and thousands: "800 and 2" -> "802", "700 and 41st" -> "741º"
+  (how Whisper writes "eight hundred and two"; "between 800 and 900" stays apart, since 900 is no tail).
 
 German writes an ordinal as "23.", which at the end of a text cannot be told from a full stop after a cardinal
 ("dreiundzwanzig." and "dreiundzwanzigste" both read "23."); there the number counts as the cardinal, for references
@@ -20,7 +22,7 @@ import unicodedata
 
 NORMALIZATION = "lowercase; punctuation except apostrophes and hyphens removed; whitespace collapsed"
 NUMBERS_NORMALIZATION = ("; numbers as digits (text2num's alpha2digit; digit groups joined; ordinals as Nº in every "
-                         "language; English paired years joined; German N. at the end of a text is the cardinal)")
+                         "language; English paired years and 'N00 and M' joined; German N. at the end of a text is the cardinal)")
 ORDINAL = "º"  # a letter to regex (\w), so punctuation removal keeps it
 
 _PUNCT = re.compile(r"[^\w\s'\-]", re.UNICODE)
@@ -37,6 +39,7 @@ ORDINAL_MARKERS = {
 _ORDINAL_RE = {lang: re.compile(r"(?<![\w.,])(\d+)(?:" + "|".join(re.escape(m) for m in marks) + r")(?![\w])")
                for lang, marks in ORDINAL_MARKERS.items()}
 _EN_YEAR = re.compile(r"\b(1[0-9]|20) (?:(oh) ([1-9])|([1-9][0-9]))\b")
+_EN_AND = re.compile(r"\b([1-9][0-9]*00) and ([1-9][0-9]?)(" + ORDINAL + r"?)\b")
 
 
 def normalize(text: str) -> str:
@@ -54,6 +57,7 @@ def _ordinals(text: str, lang: str) -> str:
 
 
 def _en_years(text: str) -> str:
+    text = _EN_AND.sub(lambda m: str(int(m.group(1)) + int(m.group(2))) + m.group(3), text)
     return _EN_YEAR.sub(lambda m: m.group(1) + ("0" + m.group(3) if m.group(2) else m.group(4)), text)
 
 
