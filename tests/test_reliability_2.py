@@ -263,3 +263,20 @@ def test_07_a_sets_manifest_path_is_recorded_absolute(tmp_path: Path, smoke_run:
     assert r.returncode == 0, r.stderr
     summary = json.loads((run / "eval" / "sets" / "rel" / "summary.json").read_text())
     assert summary["set"]["manifest"] == str((tmp_path / "rel.jsonl").resolve())
+
+
+def test_a_missing_eval_set_stops_run_before_any_training(tmp_path: Path) -> None:
+    (tmp_path / "my_data").mkdir()
+    run = tmp_path / "mine"
+    r = cli("run", "demo", f"data.manifest_dir={tmp_path / 'my_data'}", "--run-dir", str(run),
+            "--stages", "base,gates,prune,eval,profile,report")
+    assert r.returncode == 1, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "eval.sets:" in line]
+    assert len(lines) == 3 and all("not found" in line for line in lines)  # the demo's three robustness sets
+    assert "test_unseen_voices" in lines[0] and not (run / "checkpoints").exists()
+    # With synth in the stages the recipe's own synth sets are not missing: synth writes them first.
+    from prune_cli.engine.runner import missing_eval_sets
+    from prune_cli.recipe import load_recipe
+
+    recipe = load_recipe("demo", [f"data.manifest_dir={tmp_path / 'my_data'}", f"eval.sets=[test_noise_10db, {tmp_path / 'x.jsonl'}]"])[0]
+    assert [m.split(":")[1].strip() for m in missing_eval_sets(recipe, synth_first=True)] == ["x"]

@@ -91,8 +91,7 @@ def stage_eval(s: Session, variants: list[str] | None = None, contexts: list[str
 
     full = eval_set is None and contexts is None and variants is None
     extra = s.recipe.eval.set_paths(s.recipe.data.manifest_dir) if full else []
-    missing = [f"eval.sets: {name}: {path} not found (a synth test set is built by `prune-cli data synth RECIPE`; "
-               "a path names a JSONL manifest or a Kaldi dir)" for name, path in extra if not path.exists()]
+    missing = missing_eval_sets(s.recipe, synth_first=False) if full else []
     if missing:  # before anything is written
         raise MissingInputError(missing)
     result = evaluate(s, variants or s.recipe.eval.variants, contexts, eval_set)
@@ -102,6 +101,14 @@ def stage_eval(s: Session, variants: list[str] | None = None, contexts: list[str
             log(f"[eval] test set {name} ({path})")
             result["sets"][name] = evaluate(s, s.recipe.eval.variants, None, s.eval_set(path, name, None))["averages"]
     return result
+
+
+def missing_eval_sets(r: Recipe, synth_first: bool) -> list[str]:
+    """One line per eval.sets entry that is not there (and, with synth_first, that the synth stage will not write)."""
+    built = {ts.name for ts in r.data.synth.test_sets} if synth_first and not r.data.kaldi_dir else set()
+    return [f"eval.sets: {name}: {path} not found (a synth test set is built by `prune-cli data synth RECIPE`; "
+            "a path names a JSONL manifest or a Kaldi dir)"
+            for name, path in r.eval.set_paths(r.data.manifest_dir) if not path.exists() and name not in built]
 
 
 def stage_profile(s: Session, variants: list[str] | None = None, eval_set: EvalSet | None = None) -> dict[str, Any]:
@@ -181,6 +188,10 @@ def run_stages(s: Session, stages: list[str], force: list[str], recipe_path: str
     results: dict[str, Any] = {}
     forced_from = min((STAGES.index(f) for f in force), default=len(STAGES))
     base_due = "base" in stages and (STAGES.index("base") >= forced_from or not (skip_current and is_complete(s, "base")))
+    if "eval" in stages:  # before any training: a test set eval cannot find would stop the run at its end
+        missing = missing_eval_sets(s.recipe, synth_first="synth" in stages)
+        if missing:
+            raise MissingInputError(missing)
     if s.is_whisper and base_due:  # before synth spends minutes: the pretrained model must be there to import
         from prune_cli.model.whisper_import import pretrained_problem
 
