@@ -147,7 +147,7 @@ def run(recipe: RecipeArg,
         json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
     """Run the whole pipeline, skipping stages whose outputs are current for this config; then the recipe's sweep."""
     with guarded(debug, json_out, quiet):
-        from prune_cli.recipe import parse_sweep
+        from prune_cli.recipe_yaml import parse_sweep
         from prune_cli.runs import STAGES
 
         names = [*STAGES, "sweep"]

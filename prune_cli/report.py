@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prune_cli.atomic import atomic_write_text, dumps
-from prune_cli.recipe import point_label
+from prune_cli.recipe_yaml import point_label
 from prune_cli.variants import CONTEXT, DENSE, DENSE_TUNED, NAMES, VARIANTS
 
 

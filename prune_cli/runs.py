@@ -20,7 +20,8 @@ from prune_cli import __version__
 from prune_cli.atomic import atomic_write_json, atomic_write_text
 from prune_cli.data.manifest import split_fingerprint
 from prune_cli.errors import RunDirInUse
-from prune_cli.recipe import Recipe, to_yaml
+from prune_cli.recipe import to_yaml
+from prune_cli.recipe_schema import Recipe
 from prune_cli.variants import VARIANTS
 
 if TYPE_CHECKING:  # torch is imported where it is used: `run`'s argument checks stay fast

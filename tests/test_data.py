@@ -15,11 +15,11 @@ from conftest import cli
 from prune_cli.contexts import ContextVocab
 from prune_cli.data.batching import make_batches, shard
 from prune_cli.data.check import check_manifest
+from prune_cli.data.config import ContextDefaults, SpecAugmentConfig, SynthConfig
 from prune_cli.data.features import spec_augment
 from prune_cli.data.manifest import read_jsonl, read_kaldi_dir
 from prune_cli.data.synth import build_corpus, number_text, plan_corpus, spoken_text
 from prune_cli.data.tokenizer import EOS, SOS, Tokenizer, train_tokenizer
-from prune_cli.recipe import ContextDefaults, SpecAugmentConfig, SynthConfig
 
 TINY = SynthConfig(n_train=22, n_dev=11, n_test=11, max_number=999, workers=2, voices_per_lang=2)
 
@@ -140,6 +140,20 @@ def test_data_check_finds_planted_errors_with_line_numbers(tmp_path: Path, smoke
     shutil.copy(manifest_dir / "dev.jsonl", tmp_path / "dev.jsonl")
     r = cli("data", "check", str(manifest_dir / "dev.jsonl"), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
+
+
+def test_data_check_knows_the_recipe_models_input_limit(tmp_path: Path) -> None:
+    sf.write(tmp_path / "long.wav", 0.1 * torch.sin(torch.arange(16000 * 31) * 0.3).numpy(), 16000)  # 31 s
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"audio_filepath": "long.wav", "duration": 31.0, "text": "one", "task": "asr",
+                             "source_lang": "en"}) + "\n")
+    r = cli("data", "check", str(m), "--json")  # our E-Branchformer takes about 164 s
+    assert r.returncode == 0 and json.loads(r.stdout)["max_seconds"] > 160
+    r = cli("data", "check", str(m), "--recipe", "whisper_base", "--json")  # Whisper takes 30 s
+    assert r.returncode == 1, r.stderr
+    out = json.loads(r.stdout)
+    assert out["max_seconds"] == 30.0 and out["manifests"][0]["problems"] == [
+        f"{m}:1: 31.0 s is longer than the model takes (30.0 s)"]
 
 
 def test_wrong_sample_rate_is_reported(tmp_path: Path) -> None:

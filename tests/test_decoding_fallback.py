@@ -80,8 +80,9 @@ def test_an_unsure_output_falls_back_on_log_probability_alone():
     model.calls.clear()
     (h,) = decode_hypotheses(model, x, lens, [1, 2], None, opts(temperatures=WHISPER, compression_ratio_threshold=None), text_of)
     # Every temperature was tried (5 samples each); none was surer than greedy, whose average log-probability is the
-    # best of all attempts, so it is kept (faster-whisper's rule when no attempt passes).
-    assert sum(model.calls) == n_greedy + 5 * sum(1 for _ in WHISPER[1:]) * n_greedy
+    # best of all attempts, so it is kept (faster-whisper's rule when no attempt passes). The prompt's step runs once:
+    # every attempt starts from its cache (the audio's cross-attention keys and values).
+    assert sum(model.calls) == n_greedy + 5 * sum(1 for _ in WHISPER[1:]) * (n_greedy - 1)
     assert h.tokens == greedy.tokens and h.avg_logprob == greedy.avg_logprob
     model.calls.clear()
     (off,) = decode_hypotheses(model, x, lens, [1, 2], None, opts(temperatures=WHISPER, compression_ratio_threshold=None,
@@ -111,3 +112,19 @@ def test_fallback_needs_the_text_to_measure():
     x, lens = batch([64])
     with pytest.raises(ValueError, match="text_of"):
         decode(model, x, lens, [1, 2], None, opts(temperatures=WHISPER))
+
+
+def test_fallback_attempts_starting_from_the_shared_prompt_state_decode_what_a_fresh_start_decodes(monkeypatch):
+    from prune_cli.model import decoding
+
+    torch.manual_seed(3)
+    model = WhisperModel(DIMS, padded_input=False).eval()  # random weights: unsure, so every temperature is tried
+    x, lens = batch([64, 40, 24])
+    o = opts(temperatures=WHISPER, seed=7)
+    shared = decode_hypotheses(model, x, lens, [1, 2], None, o, text_of)
+    assert {h.temperature for h in shared} - {0.0}  # some attempts sampled
+    monkeypatch.setattr(decoding, "_prompt_state", lambda *a: None)  # each attempt runs the prompt itself
+    fresh = decode_hypotheses(model, x, lens, [1, 2], None, o, text_of)
+    assert [(h.tokens, h.temperature) for h in shared] == [(h.tokens, h.temperature) for h in fresh]
+    assert all(abs(a.avg_logprob - b.avg_logprob) < 1e-5 for a, b in zip(shared, fresh))
+

@@ -197,8 +197,8 @@ def test_cross_attention_floor_trades_a_module_and_keeps_the_sparsity() -> None:
 
 def test_gates_switch_to_the_exported_masks_once_the_predictor_is_frozen(tmp_path: Path) -> None:
     from prune_cli.data.batching import Batch
+    from prune_cli.engine.objectives import GUMBEL_SALT, GateObjective
     from prune_cli.engine.session import Session
-    from prune_cli.engine.train import GUMBEL_SALT, GateObjective
     from prune_cli.gating.sparsity import exact_sparsity_gates
     from prune_cli.recipe import build_recipe
     from prune_cli.runs import RunDir, derived_generator
@@ -273,7 +273,7 @@ def test_predictor_shift_moves_the_skip_logits_of_both_kinds() -> None:
 
 def test_distillation_loss_is_the_kl_to_the_teacher_over_target_tokens() -> None:
     from prune_cli.data.batching import IGNORE, Batch
-    from prune_cli.engine.train import distill_loss
+    from prune_cli.engine.objectives import distill_loss
 
     torch.manual_seed(0)
     labels = torch.tensor([[5, 6, IGNORE], [7, IGNORE, IGNORE]])

@@ -63,7 +63,7 @@ def test_skipped_modules_are_not_executed() -> None:
 
 def test_module_drop_skips_a_seeded_subset_in_training_only() -> None:
     from prune_cli.data.batching import Batch
-    from prune_cli.engine.train import BaseObjective
+    from prune_cli.engine.objectives import BaseObjective
 
     model = tiny().train()
     calls: list[str] = []

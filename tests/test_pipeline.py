@@ -19,7 +19,8 @@ from prune_cli.engine.profile import Timer, measure_interleaved, stats_ms
 from prune_cli.engine.runner import _share_base, mark_complete
 from prune_cli.errors import CheckpointError
 from prune_cli.gating.masks import MaskFile
-from prune_cli.recipe import RECIPES_DIR, load_recipe
+from prune_cli.recipe import load_recipe
+from prune_cli.recipe_yaml import RECIPES_DIR
 from prune_cli.runs import RunDir
 
 
@@ -507,26 +508,51 @@ def test_joint_finetuning_saves_the_finetuned_base_used_downstream(tmp_path: Pat
 
 
 def test_the_base_can_adapt_densely_before_the_predictor_learns(tmp_path: Path, smoke_run: Path,
-                                                                 smoke_corpus: list[str]) -> None:
+                                                                 smoke_corpus: list[str], monkeypatch) -> None:
+    import torch
+
+    from prune_cli.engine import train
+    from prune_cli.engine.session import Session
+
     run_dir = tmp_path / "adapt"
     shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("sweep", "eval", "profile", "pruned"))
     (run_dir / "logs" / "gates.jsonl").unlink()
     (run_dir / "logs" / "static.jsonl").unlink()
     sets = [*smoke_corpus, "gates.finetune_base=true", "gates.finetune_schedule=phased", "gates.steps=8",
             "gates.base_lr=0.01", "gates.log_every=1", "gates.adapt_share=0.25", "gates.predictor_share=0.25",
-            "gates.anneal_over=predictor", "gates.target_warmup_steps=1"]
+            "gates.anneal_over=predictor", "gates.target_warmup_steps=1", "gates.train_dense_tuned=true"]
     r = cli("run", "ci_smoke", *sets, "--run-dir", str(run_dir), "--stages", "base,gates", "--quiet")
     assert r.returncode == 0, r.stderr
+
+    def rows(log: str) -> list[dict]:
+        return [x for x in map(json.loads, (run_dir / "logs" / f"{log}.jsonl").read_text().splitlines()) if "lr_base" in x]
+
+    # steps 1-2: the base adapts with every module kept and no sparsity loss, once for every variant (adapt.jsonl)
+    assert [(x["step"], x["lr_base"] > 0, "sparsity_loss" in x) for x in rows("adapt")] == [(1, True, False), (2, True, False)]
     for log in ("gates", "static"):
-        rows = [json.loads(x) for x in (run_dir / "logs" / f"{log}.jsonl").read_text().splitlines()]
-        rows = [x for x in rows if "lr_base" in x]
-        # steps 1-2: the base adapts with every module kept and no sparsity loss; 3-4: the predictor learns on the
-        # adapted, frozen base; 5-8: the base adapts to the predictor's masks
-        assert [x["lr_base"] > 0 for x in rows] == [True] * 2 + [False] * 2 + [True] * 4, log
-        assert [x["lr"] > 0 for x in rows] == [False] * 2 + [True] * 2 + [False] * 4, log
-        assert ["sparsity_loss" in x for x in rows] == [False] * 2 + [True] * 6, log
+        # 3-4: the predictor learns on the adapted, frozen base; 5-8: the base adapts to the predictor's masks
+        assert [x["step"] for x in rows(log)] == [3, 4, 5, 6, 7, 8], log
+        assert [x["lr_base"] > 0 for x in rows(log)] == [False] * 2 + [True] * 4, log
+        assert [x["lr"] > 0 for x in rows(log)] == [True] * 2 + [False] * 4, log
+        assert all("sparsity_loss" in x for x in rows(log)), log
         # the Gumbel temperature anneals over the predictor's own steps, from tau_start
-        assert [x.get("tau") for x in rows] == [None] * 2 + [1.0, pytest.approx(0.1)] + [None] * 4, log
+        assert [x.get("tau") for x in rows(log)] == [1.0, pytest.approx(0.1)] + [None] * 4, log
+    # dense_tuned has nothing to learn while the others' predictors do: steps 3-4 are not computed
+    assert [x["step"] for x in rows("dense_tuned")] == [5, 6, 7, 8]
+
+    # Sharing the adaptation changes nothing: each variant run with the dense steps in its own loop ends with the
+    # same weights, to the bit.
+    alone = tmp_path / "alone"
+    shutil.copytree(run_dir, alone, ignore=shutil.ignore_patterns("logs", "tensorboard"))
+    for v in ("adapt", "gates", "static", "dense_tuned"):
+        shutil.rmtree(alone / "checkpoints" / v)
+    monkeypatch.setattr(train, "shared_adaptation", lambda *a, **k: None)
+    recipe, _ = load_recipe("ci_smoke", [x for x in sets if x != "--set"])
+    train.train_gates(Session(recipe, RunDir(alone, recipe), torch.device("cpu")))
+    assert not (alone / "checkpoints" / "adapt").exists()
+    for name in ("base_finetuned.pt", "base_finetuned_static.pt", "base_finetuned_dense_tuned.pt", "gates.pt", "static.pt"):
+        a, b = (torch.load(d / "checkpoints" / name, weights_only=True)["state_dict"] for d in (run_dir, alone))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_subset_eval_goes_beside_the_full_summary(smoke_run: Path, smoke_corpus: list[str]) -> None:

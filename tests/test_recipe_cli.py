@@ -9,7 +9,8 @@ import pytest
 
 from conftest import cli
 from prune_cli.errors import UsageError
-from prune_cli.recipe import apply_overrides, build_recipe, load_raw, load_recipe
+from prune_cli.recipe import build_recipe, load_recipe
+from prune_cli.recipe_yaml import apply_overrides, load_raw
 
 
 def write(p: Path, text: str) -> Path:
@@ -155,6 +156,14 @@ def test_recipe_list_and_version() -> None:
     assert r.returncode == 0 and r.stdout.startswith("prune-cli ")
 
 
+def test_command_help_names_every_bundled_recipe() -> None:
+    r = cli("eval", "--help")
+    text = " ".join(r.stdout.split())  # rich wraps the help
+    assert r.returncode == 0
+    for name in ("ci_smoke", "demo", "many_langs", "scratch", "study", "whisper_base"):
+        assert name in text, name
+
+
 def test_help_lists_commands() -> None:
     r = cli("--help")
     for cmd in ("train", "prune", "eval", "profile", "run", "recipe", "data"):
@@ -201,7 +210,7 @@ def test_recipe_sweep_points_are_validated_one_line_each(tmp_path: Path) -> None
 
 
 def test_parse_sweep_makes_one_typed_point_per_value() -> None:
-    from prune_cli.recipe import parse_sweep
+    from prune_cli.recipe_yaml import parse_sweep
 
     assert parse_sweep("gates.target.decoder=0.25,0.5") == [{"gates.target.decoder": 0.25}, {"gates.target.decoder": 0.5}]
     assert parse_sweep("gates.inputs=[task]") == [{"gates.inputs": ["task"]}]
@@ -210,7 +219,7 @@ def test_parse_sweep_makes_one_typed_point_per_value() -> None:
 
 
 def test_sweep_point_label_is_a_shell_safe_directory_name() -> None:
-    from prune_cli.recipe import point_label
+    from prune_cli.recipe_yaml import point_label
 
     point = {"gates.target.encoder": 0.75, "gates.train_dense_tuned": False, "eval.variants": ["dense", "context"],
              "name": "a b'c"}

@@ -20,9 +20,10 @@ import torch
 from conftest import ROOT, cli
 from prune_cli.atomic import append_jsonl, atomic_savefig, atomic_write_json, atomic_write_text, dumps
 from prune_cli.data.check import check_manifest
+from prune_cli.data.config import ContextDefaults
 from prune_cli.errors import CheckpointError, DataError, DiskFullError, RunDirInUse
 from prune_cli.gating.masks import MaskFile
-from prune_cli.recipe import ContextDefaults, load_recipe
+from prune_cli.recipe import load_recipe
 from prune_cli.runs import RunDir
 
 
@@ -348,10 +349,10 @@ def test_21_tensorboard_is_an_optional_extra(tmp_path: Path, monkeypatch: pytest
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(d.startswith("tensorboard") for d in extras["tensorboard"])
     readme = (ROOT / "README.md").read_text()
-    assert "pip install 'prune-cli[tensorboard]'" in readme and "tensorboard/<loop>/" in readme
+    assert "pip install -e '.[tensorboard]'" in readme and "tensorboard/<loop>/" in readme
     import builtins
 
-    from prune_cli.engine.train import _tensorboard
+    from prune_cli.engine.loop import _tensorboard
 
     real_import = builtins.__import__
 

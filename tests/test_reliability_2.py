@@ -73,17 +73,15 @@ def test_01_every_tensor_of_the_file_is_used(hf_dir: Path, tmp_path: Path) -> No
         load_pretrained(d)
 
 
-def test_01_a_ctranslate2_variable_left_over_is_an_error(ct2_dir: Path, tmp_path: Path) -> None:
-    from prune_cli.model import whisper_import
+def test_01_a_ctranslate2_variable_left_over_is_an_error(ct2_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from prune_cli.model import ct2_whisper
 
     load_pretrained(ct2_dir)  # the converter's own file reads, every variable used
-    real = whisper_import.read_ct2_variables
-    try:
-        whisper_import.read_ct2_variables = lambda *a: {**real(*a), "encoder/layer_0/adapter/weight": torch.ones(3, 3)}
-        with pytest.raises(CheckpointError, match="1 variable.* does not use: encoder/layer_0/adapter/weight"):
-            load_pretrained(ct2_dir)
-    finally:
-        whisper_import.read_ct2_variables = real
+    real = ct2_whisper.read_ct2_variables
+    monkeypatch.setattr(ct2_whisper, "read_ct2_variables",
+                        lambda *a: {**real(*a), "encoder/layer_0/adapter/weight": torch.ones(3, 3)})
+    with pytest.raises(CheckpointError, match="1 variable.* does not use: encoder/layer_0/adapter/weight"):
+        load_pretrained(ct2_dir)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.8])
@@ -139,7 +137,7 @@ def test_02_broken_audio_is_an_error_naming_the_file_in_check_and_eval(
     import soundfile as sf
 
     from prune_cli.data.check import check_manifest
-    from prune_cli.recipe import ContextDefaults
+    from prune_cli.data.config import ContextDefaults
 
     bad = tmp_path / "bad.wav"
     audio = np.full(16000, 0.1, np.float32)
@@ -228,8 +226,8 @@ def test_06_the_pickle_refusal_is_whole_and_quiet(tmp_path: Path) -> None:
 
 
 def test_06_an_st_line_without_target_lang_says_so(tmp_path: Path) -> None:
+    from prune_cli.data.config import ContextDefaults
     from prune_cli.data.manifest import parse_row
-    from prune_cli.recipe import ContextDefaults
 
     row = {"audio_filepath": "a.wav", "text": "forty", "task": "st", "source_lang": "de"}
     utt, problems = parse_row(row, "m.jsonl:4", tmp_path, ContextDefaults())
@@ -268,15 +266,15 @@ def test_07_a_sets_manifest_path_is_recorded_absolute(tmp_path: Path, smoke_run:
 def test_a_missing_eval_set_stops_run_before_any_training(tmp_path: Path) -> None:
     (tmp_path / "my_data").mkdir()
     run = tmp_path / "mine"
-    r = cli("run", "demo", f"data.manifest_dir={tmp_path / 'my_data'}", "--run-dir", str(run),
+    r = cli("run", "scratch", f"data.manifest_dir={tmp_path / 'my_data'}", "--run-dir", str(run),
             "--stages", "base,gates,prune,eval,profile,report")
     assert r.returncode == 1, r.stderr
     lines = [line for line in r.stderr.splitlines() if "eval.sets:" in line]
-    assert len(lines) == 3 and all("not found" in line for line in lines)  # the demo's three robustness sets
+    assert len(lines) == 3 and all("not found" in line for line in lines)  # scratch's three robustness sets
     assert "test_unseen_voices" in lines[0] and not (run / "checkpoints").exists()
     # With synth in the stages the recipe's own synth sets are not missing: synth writes them first.
     from prune_cli.engine.runner import missing_eval_sets
     from prune_cli.recipe import load_recipe
 
-    recipe = load_recipe("demo", [f"data.manifest_dir={tmp_path / 'my_data'}", f"eval.sets=[test_noise_10db, {tmp_path / 'x.jsonl'}]"])[0]
+    recipe = load_recipe("scratch", [f"data.manifest_dir={tmp_path / 'my_data'}", f"eval.sets=[test_noise_10db, {tmp_path / 'x.jsonl'}]"])[0]
     assert [m.split(":")[1].strip() for m in missing_eval_sets(recipe, synth_first=True)] == ["x"]

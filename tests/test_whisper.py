@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from prune_cli.model.whisper_import import load_pretrained, name_map, read_ct2, read_hf, read_openai
+from prune_cli.model.ct2_whisper import read_ct2
+from prune_cli.model.whisper_import import load_pretrained, name_map, read_hf, read_openai
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test-only reference (pip install -e '.[dev]')")
 

@@ -13,10 +13,11 @@ import torch
 from prune_cli.contexts import ContextVocab
 from prune_cli.data.whisper_features import log_mel
 from prune_cli.data.whisper_tokenizer import WhisperTokenizer
+from prune_cli.model.ct2_whisper import read_ct2
 from prune_cli.model.decoding import DecodeOptions, decode
 from prune_cli.model.whisper import WhisperModel
 from prune_cli.model.whisper_assets import bundled_whisper_base
-from prune_cli.model.whisper_import import load_pretrained, name_map, read_ct2
+from prune_cli.model.whisper_import import load_pretrained, name_map
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers", reason="transformers is a test-only reference (pip install -e '.[dev]')")

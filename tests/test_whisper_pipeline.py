@@ -47,6 +47,7 @@ def whisper_manifests(tmp_path_factory, smoke_root: Path, smoke_corpus: list[str
 
 def _sets(model_dir: Path, manifests: Path) -> list[str]:
     values = {"model.pretrained": str(model_dir), "data.manifest_dir": str(manifests), "model.whisper_input": "variable",
+              "model.pretrained_input": "padded",
               "gates.steps": 8, "gates.val_every": 4, "gates.save_every": 4, "gates.log_every": 4,
               "gates.target_warmup_steps": 2, "eval.bootstrap": 0, "eval.batch_size": 8, "data.max_utts_per_context": 4,
               "profile.repeats": 1, "profile.warmup": 0, "profile.batch_sizes": "[1]", "profile.utts_per_context": 1,
@@ -68,8 +69,13 @@ def test_every_stage_runs_on_a_pretrained_whisper(tiny_whisper, whisper_manifest
     assert "numbers as digits" in summary["normalization"]
     assert summary["decoding"]["eos"] == 50257 and 50358 in summary["decoding"]["suppress"]  # <|translate|> never decoded
     assert set(summary["variants"]) == {"dense", "dense_tuned", "context", "static"}
+    # untouched Whisper reads its own 30-s input (model.pretrained_input); the adapted models, the utterance alone
+    assert summary["input"] == {"dense": "padded", "dense_tuned": "variable", "context": "variable", "static": "variable"}
     prof = read_json(run / "profile" / "summary.json")
-    assert 0 < prof["ratios"]["context"]["flops"] < 1
+    assert prof["reference"] == "dense_tuned" and 0 < prof["ratios"]["context"]["flops"] < 1
+    # every ratio is against dense_tuned: the padded dense model's encoder reads 30 s for each utterance of 1-2 s
+    enc = {v: prof["variants"][v]["flops"]["encoder"] for v in ("dense", "dense_tuned")}
+    assert enc["dense"] > 5 * enc["dense_tuned"] and prof["ratios"]["dense"]["flops"] > 1
 
     # An exported pruned checkpoint has its skipped modules deleted, and computes what the base does with them skipped.
     base, _ = load_model(run / "checkpoints" / "base_finetuned.pt")
@@ -113,3 +119,27 @@ def test_model_import_converts_once_and_a_recipe_takes_the_result(tiny_whisper, 
     direct, _, _ = open_pretrained(str(tiny_whisper))
     assert model.weights_hash() == direct.weights_hash() == info["weights_hash"]
     assert src["format"] == "transformers" and "<|endoftext|>" in tok.bpe_json
+
+
+def test_the_demo_recipe_chains_every_stage_on_a_tiny_whisper(tiny_whisper, tmp_path):
+    """`make demo`'s recipe as it ships, every stage from synth to report, with the sizes cut and a tiny random Whisper
+    in place of Whisper base."""
+    pytest.importorskip("piper", reason="the demo's neural-voice set needs the neural-voice extra")
+    sets = {"model.pretrained": str(tiny_whisper), "data.manifest_dir": str(tmp_path / "m"),
+            "data.synth.out_dir": str(tmp_path / "c"), "data.synth.n_train": 27, "data.synth.n_dev": 9,
+            "data.synth.n_test": 9,
+            "data.synth.test_sets": "[{name: test_neural_voice, voices: neural, per_context: 2}, "
+                                    "{name: test_unseen_voices, voices: heldout, per_context: 1}]",
+            "gates.steps": 10, "gates.val_every": 5, "gates.save_every": 5, "gates.log_every": 1,
+            "gates.target_warmup_steps": 1, "eval.bootstrap": 100, "eval.max_len_ratio": 0.1, "eval.best_of": 2,
+            "profile.repeats": 1, "profile.warmup": 0, "profile.utts_per_context": 1}
+    run = tmp_path / "run"
+    r = cli("run", "demo", *(a for k, v in sets.items() for a in ("--set", f"{k}={v}")), "--run-dir", str(run), "--quiet")
+    assert r.returncode == 0, r.stderr
+    adapt = [json.loads(x) for x in (run / "logs" / "adapt.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in adapt if "loss" in x] == [1, 2, 3, 4]  # gates.adapt_share of 10 steps, run once
+    neural = read_json(run / "eval" / "sets" / "test_neural_voice" / "summary.json")
+    assert set(neural["variants"]["dense"]) == {"asr:en"} and neural["input"]["dense"] == "padded"
+    assert set(read_json(run / "eval" / "summary.json")["variants"]) == {"dense", "dense_tuned", "context", "static"}
+    report = (run / "report.md").read_text()
+    assert "test_neural_voice" in report and "test_unseen_voices" in report

@@ -13,10 +13,12 @@ import typer
 from prune_cli.atomic import dumps
 from prune_cli.errors import PruneCliError, UsageError
 from prune_cli.progress import MODE, err_console
+from prune_cli.recipe import bundled_recipes
 
 EXIT_CHECK_FAILED = 3
 
-RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML path or bundled recipe name (demo, study, ci_smoke).")]
+BUNDLED = ", ".join(p.stem for p in bundled_recipes())
+RecipeArg = Annotated[str, typer.Argument(help=f"Recipe YAML path or bundled recipe name ({BUNDLED}).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: key.path=value (YAML scalar or list).")]
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Overrides after the recipe, torchtune style: key.path=value ...",
                                                              show_default=False)]
@@ -112,7 +114,9 @@ def extra_set(s: Any, manifest: Path | None, name: str | None, context: str | No
     """The test set named by --manifest/--name/--context (None without --manifest)."""
     if manifest is None:
         return None
-    return s.eval_set(manifest, name or (manifest.name if manifest.is_dir() else manifest.stem), context)
+    from prune_cli.engine.evaluate import load_eval_set
+
+    return load_eval_set(s, manifest, name or (manifest.name if manifest.is_dir() else manifest.stem), context)
 
 
 def print_tables(*tables: Any) -> None:

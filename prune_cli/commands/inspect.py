@@ -64,20 +64,29 @@ def data_synth(recipe: RecipeArg, overrides: OverridesArg = None, set_: SetOpt =
 
 @data_app.command("check")
 def data_check(manifests: Annotated[list[Path], typer.Argument(help="JSONL manifests or Kaldi data dirs.")],
-               sample_rate: Annotated[int, typer.Option(help="Expected sample rate.")] = 16000,
+               recipe: Annotated[Optional[str], typer.Option(help="The recipe that will read the data: its model's input "
+                                                             "limit (Whisper: 30 s) and its sample rate.")] = None,
+               sample_rate: Annotated[Optional[int], typer.Option(help="Expected sample rate (default: the recipe's, or 16000).")] = None,
                tolerance: Annotated[float, typer.Option(help="Allowed duration mismatch in seconds.")] = 0.05,
-               max_seconds: Annotated[Optional[float], typer.Option(help="Longest audio allowed (default: what the model takes).")] = None,
+               max_seconds: Annotated[Optional[float], typer.Option(help="Longest audio allowed (default: what the model "
+                                                                    "takes: the recipe's, or our E-Branchformer's).")] = None,
                context: Annotated[Optional[str], typer.Option(help="Context of utterances that name none, e.g. asr:de.")] = None,
                json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     """Validate every line: JSON, UTF-8, fields, unique ids, audio exists and decodes whole, duration, rate, length."""
     with guarded(debug, json_out):
         from prune_cli.data.check import check_manifest
+        from prune_cli.data.config import ContextDefaults
+        from prune_cli.data.whisper_features import CHUNK_FRAMES
         from prune_cli.engine.session import parse_context
         from prune_cli.model.s2t import max_input_frames
-        from prune_cli.recipe import ContextDefaults
+        from prune_cli.recipe import load_recipe
         from prune_cli.report import contexts_table
 
-        limit = max_seconds if max_seconds is not None else max_input_frames() / 100
+        r = load_recipe(recipe)[0] if recipe else None
+        whisper = r is not None and r.model.family == "whisper"
+        model_limit = (CHUNK_FRAMES if whisper else max_input_frames()) / 100  # frames of 10 ms
+        limit = max_seconds if max_seconds is not None else model_limit
+        sample_rate = sample_rate or (r.data.sample_rate if r is not None else 16000)
         defaults = parse_context(context) if context else ContextDefaults()
         report = [{"manifest": str(m), **check_manifest(m, sample_rate, tolerance, defaults, limit)._asdict()} for m in manifests]
         problems = [p for r in report for p in r["problems"]]
@@ -112,7 +121,7 @@ def model_summary(recipe: RecipeArg, frames: Annotated[int, typer.Option(help="I
             from prune_cli.model.whisper_import import open_pretrained
 
             model, _, _ = open_pretrained(r.model.pretrained)
-            model.padded_input = r.model.whisper_input == "padded"
+            model.padded_input = (r.model.pretrained_input or r.model.whisper_input) == "padded"
         else:
             model = SpeechModel(dims_from_recipe(r.model, r.features.n_mels, r.tokenizer.vocab_size + 16))
         out = module_summary(model.eval(), frames, tokens)

@@ -8,7 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from prune_cli.data.synth import DEMO_LANGUAGES, DEMO_ST_PAIRS, HELDOUT_VOICES, NOISES
+# The demo corpus's default languages and translation directions (any pair of supported_languages() works).
+DEMO_LANGUAGES = ("en", "de", "fr", "es", "it")
+DEMO_ST_PAIRS = ("de-en", "fr-en", "es-en", "it-en", "en-de", "en-fr")
+FORMS = ("cardinal", "ordinal", "year")
+VOICE_VARIANTS = ("m1", "f1", "m3", "f3", "m7", "f4", "m2", "f2", "m4", "f5")  # the clean splits' voices, in order
+# eSpeak NG variants kept out of train and dev, for the unseen-voices test set: male, female, klatt and named voices.
+HELDOUT_VOICES = ("m6", "f5", "klatt4", "Andy", "belinda", "john", "max", "steph2")
+NOISES = ("white", "pink", "brown", "babble")
 
 
 @dataclass

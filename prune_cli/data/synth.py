@@ -19,21 +19,14 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from prune_cli.atomic import atomic_write_text
+from prune_cli.data.config import VOICE_VARIANTS, RobustSetConfig, SynthConfig
+from prune_cli.data.degrade import babble, colored_noise, mix_at_snr, reverberate
 from prune_cli.data.neural_voice import PIPER_LANGUAGE, PIPER_VOICE
 from prune_cli.errors import DataError
-
-if TYPE_CHECKING:
-    from prune_cli.data.config import RobustSetConfig, SynthConfig
-
-# The demo corpus's default languages and translation directions (any pair of supported_languages() works).
-DEMO_LANGUAGES = ("en", "de", "fr", "es", "it")
-DEMO_ST_PAIRS = ("de-en", "fr-en", "es-en", "it-en", "en-de", "en-fr")
-FORMS = ("cardinal", "ordinal", "year")
 
 # bump when the same plan would render different audio or text
 # (2: segmented de/it compounds; 3: fresh process per chunk; 4: Italian spelling fixes; 5: hashed number splits;
@@ -44,10 +37,6 @@ SYNTH_VERSION = 6
 # differs. So every fixed chunk of the plan renders in a fresh process with a seeded RNG, and an utterance's audio
 # depends on the plan alone, not on how chunks were scheduled over workers.
 SYNTH_CHUNK = 400
-VOICE_VARIANTS = ("m1", "f1", "m3", "f3", "m7", "f4", "m2", "f2", "m4", "f5")  # the clean splits' voices, in order
-# eSpeak NG variants kept out of train and dev, for the unseen-voices test set: male, female, klatt and named voices.
-HELDOUT_VOICES = ("m6", "f5", "klatt4", "Andy", "belinda", "john", "max", "steph2")
-NOISES = ("white", "pink", "brown", "babble")
 ESPEAK_RATE, ESPEAK_PITCH = 1, 3
 AUDIO_OUTPUT_SYNCHRONOUS, POS_CHARACTER, CHARS_UTF8 = 2, 1, 1
 
@@ -324,49 +313,6 @@ def _plan_test_set(ts: RobustSetConfig, k: int, contexts: list[tuple[str, str, s
                 noise=noise, snr_db=ts.snr_db, talkers=3 if noise == "babble" else 0,
             ))
     return specs
-
-
-def colored_noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Unit-power noise: white (flat), pink (power 1/f) or brown (1/f^2), shaped in the frequency domain."""
-    white = rng.standard_normal(n)
-    if kind != "white":
-        spec = np.fft.rfft(white)
-        f = np.fft.rfftfreq(n)
-        f[0] = f[1] if n > 2 else 1.0
-        spec /= f ** (0.5 if kind == "pink" else 1.0)
-        white = np.fft.irfft(spec, n)
-    return (white / (np.sqrt(np.mean(white**2)) + 1e-12)).astype(np.float32)
-
-
-def babble(n: int, others: list[np.ndarray], talkers: int, rng: np.random.Generator) -> np.ndarray:
-    """Other utterances summed, each looped to length n from a random offset."""
-    picks = rng.choice(len(others), size=min(talkers, len(others)), replace=False)
-    out = np.zeros(n, np.float32)
-    for i in picks:
-        src = others[int(i)]
-        reps = int(np.ceil((n + len(src)) / len(src)))
-        start = int(rng.integers(len(src)))
-        out += np.tile(src, reps)[start : start + n]
-    return out / (np.sqrt(np.mean(out**2)) + 1e-12)
-
-
-def reverberate(audio: np.ndarray, rt60: float, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
-    """Convolve with a synthetic room: a direct path, then exponentially decaying noise (60 dB down at rt60)."""
-    t = np.arange(int(rt60 * sample_rate)) / sample_rate
-    rir = rng.standard_normal(t.shape[0]) * np.exp(-6.908 * t / rt60) * 0.3
-    rir[0] = 1.0
-    n = audio.shape[0] + rir.shape[0] - 1
-    wet = np.fft.irfft(np.fft.rfft(audio, n) * np.fft.rfft(rir, n), n)[: audio.shape[0] + sample_rate // 10]
-    return (wet * np.sqrt(np.mean(audio**2) / (np.mean(wet**2) + 1e-12))).astype(np.float32)
-
-
-def mix_at_snr(audio: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
-    """audio + noise scaled so that 10 log10(P_audio / P_noise) = snr_db, powers over the whole utterance.
-    Scaled down together when the mix would clip, so the SNR holds."""
-    p_sig = float(np.mean(audio**2)) + 1e-12
-    mix = audio + noise * np.sqrt(p_sig / (float(np.mean(noise**2)) + 1e-12) / 10 ** (snr_db / 10))
-    peak = float(np.max(np.abs(mix)))
-    return mix * (0.99 / peak) if peak > 0.99 else mix
 
 
 def degrade(audio: np.ndarray, spec: UttSpec, others: list[np.ndarray], sample_rate: int) -> np.ndarray:

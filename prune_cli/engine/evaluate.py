@@ -10,20 +10,22 @@ from typing import Any, Sequence
 
 from prune_cli.atomic import atomic_write_json, atomic_write_text, json_safe
 from prune_cli.contexts import TASKS, ContextVocab
-from prune_cli.data.batching import Split, model_inputs
+from prune_cli.data.batching import Split, load_split, model_inputs
+from prune_cli.data.manifest import fingerprint
 from prune_cli.data.normalize import NORMALIZATION, NUMBERS_NORMALIZATION, number_form
 from prune_cli.data.normalize import normalize as basic_normalize
 from prune_cli.data.tokenizer import Tokenizer
 from prune_cli.engine.compare import comparison_pairs, paired_bootstrap
 from prune_cli.engine.masking import group_by_pattern, utterance_patterns
 from prune_cli.engine.metrics import asr_scores, bleu_measurable, st_scores, utterance_score
-from prune_cli.engine.session import Session
+from prune_cli.engine.session import Session, parse_context, split_spec
 from prune_cli.errors import DataError, MissingInputError, UsageError
-from prune_cli.gating.masks import MaskFile
+from prune_cli.gating.masks import MaskFile, mask_stats
 from prune_cli.model.decoding import DecodeOptions, decode
 from prune_cli.model.s2t import SpeechModel
 from prune_cli.progress import log, progress
-from prune_cli.recipe import EvalConfig
+from prune_cli.recipe_checks import is_plain_name
+from prune_cli.recipe_schema import EvalConfig
 from prune_cli.variants import CONTEXT, STATIC, VARIANTS
 
 
@@ -41,7 +43,7 @@ def decode_split(
         task_opts = options_for_task(opts, u0.task)
         for start in range(0, len(members), batch_size):
             chunk = members[start : start + batch_size]
-            x, lens = (t.to(s.device) for t in model_inputs(split, chunk, s.inputs))
+            x, lens = (t.to(s.device) for t in model_inputs(split, chunk, s.inputs_for(model)))
             for i, ids in zip(chunk, decode(model, x, lens, prompt, pattern, task_opts, tok.decode)):
                 hyps[i] = tok.decode(ids)
             if bar is not None:
@@ -95,6 +97,18 @@ class EvalSet:
                 "utterances": dict(sorted(utterances.items())), "context_defaulted": self.defaulted}
 
 
+def load_eval_set(s: Session, path: Path, name: str, context: str | None) -> EvalSet:
+    """A test set from outside the recipe; `context` (e.g. `asr:de`) for utterances whose data names none.
+    Read fresh every time (not cached in the run dir: an eval of another set writes only its own folder)."""
+    if not is_plain_name(name):
+        raise UsageError(f"--name {name!r}: a plain folder name (letters, digits, '.', '_', '-'), the set's folder under eval/sets/")
+    if not path.exists():
+        raise MissingInputError(f"--manifest {path}: not found (a JSONL manifest or a Kaldi data dir)")
+    defaults = s.recipe.data.defaults if context is None else parse_context(context)
+    split = load_split(replace(split_spec(s.recipe, "test"), path=path, defaults=defaults))
+    return EvalSet(name, path, split, fingerprint(path), sum(u.context_defaulted for u in split.utts))
+
+
 def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None = None,
              eval_set: EvalSet | None = None) -> dict[str, Any]:
     """Decode and score; every file is written at the end, so a failed eval leaves earlier results as they were."""
@@ -124,6 +138,9 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     norm = NORMALIZATION + (NUMBERS_NORMALIZATION if cfg.normalize == "numbers" else "")
     summary: dict[str, Any] = {"variants": {}, "signatures": {}, "normalization": norm,
                                "split": cfg.split if eval_set is None else None, "decoding": vars(opts), "complete": full}
+    modes = {v: "padded" if n.padded_input else "variable" for v, n in nets.items() if hasattr(n, "padded_input")}
+    if modes:  # Whisper: each model's input (model.whisper_input; model.pretrained_input for the untouched one)
+        summary["input"] = modes
     if eval_set is not None:
         summary["set"] = {**eval_set.record(Counter(u.context for u in split.utts)), "skipped": split.skipped}
     if fallbacks:
@@ -186,10 +203,8 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
 def mean_mask_stats(model: SpeechModel, patterns: Sequence, module_flops: dict[str, int]) -> dict[str, float]:
     """Sparsity per scope and prunable-FLOPs ratio of the masks eval decoded with, averaged over utterances: with
     per-utterance gates (acoustic or condition inputs) they differ between test sets."""
-    from prune_cli.engine.prune import mask_stats
-
     flops = module_flops or {m.name: 1 for m in model.modules_list}
-    rows = [mask_stats(model, [int(k) for k in p], flops) for p in patterns]
+    rows = [mask_stats(model.modules_list, [int(k) for k in p], flops) for p in patterns]
     keys = [k for k in rows[0] if k.startswith("sparsity_")] + ["prunable_flops_ratio"] if rows else []
     return {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in keys}
 

@@ -13,7 +13,7 @@ from prune_cli.gating.masks import MaskFile
 from prune_cli.gating.predictor import ContextInputs, GatePredictor, LabelVocab
 from prune_cli.gating.sparsity import SparsitySpec
 from prune_cli.model.s2t import SpeechModel
-from prune_cli.recipe import Recipe
+from prune_cli.recipe_schema import Recipe
 from prune_cli.variants import STATIC, VARIANTS
 
 Keep = tuple[bool, ...]

@@ -79,8 +79,8 @@ def measure_interleaved(
     return dict(samples)
 
 
-def _batch(s: Session, split: Split, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    x, lens = model_inputs(split, idx, s.inputs)
+def _batch(s: Session, split: Split, idx: Sequence[int], model: SpeechModel) -> tuple[torch.Tensor, torch.Tensor]:
+    x, lens = model_inputs(split, idx, s.inputs_for(model))
     return x.to(s.device), lens.to(s.device)
 
 
@@ -101,7 +101,7 @@ def variant_flops(s: Session, model: SpeechModel, split: Split, groups: dict[str
     uncounted: dict[str, int] = defaultdict(int)
     out_tokens = 0
     for ctx, idx in groups.items():
-        x, lens = _batch(s, split, idx)
+        x, lens = _batch(s, split, idx, model)
         u = split.utts[idx[0]]
         prompt = tok.prompt(u.task, u.source_lang, u.target_lang)
         result: list[list[int]] = []
@@ -175,17 +175,17 @@ def profile(s: Session, variants: Sequence[str], eval_set: "EvalSet | None" = No
                     ctx = contexts[rep % len(contexts)]
                     pool = groups[ctx]
                     idx = [pool[k % len(pool)] for k in range(bs)]
-                    x, lens = _batch(s, split, idx)
                     u = split.utts[idx[0]]
                     prompt = tok.prompt(u.task, u.source_lang, u.target_lang)
                     calls = {}
                     for v in variants:
-                        k = keep[v][ctx]
+                        k, (x, lens) = keep[v][ctx], _batch(s, split, idx, models[v])  # each model its own input mode
                         if part == "encoder":
-                            calls[v] = (lambda k=k, m=models[v]: m.encode(x, lens, k))
+                            calls[v] = (lambda k=k, m=models[v], x=x, lens=lens: m.encode(x, lens, k))
                         else:
                             o = options_for_task(decodings[part], u.task)
-                            calls[v] = (lambda k=k, m=models[v], o=o: decode(m, x, lens, prompt, k, o, tok.decode))
+                            calls[v] = (lambda k=k, m=models[v], o=o, x=x, lens=lens:
+                                        decode(m, x, lens, prompt, k, o, tok.decode))
                     with torch.inference_mode():
                         # Each new batch shape is warmed for every variant; the order rotates so no variant
                         # is always first after a shape change.
@@ -206,7 +206,7 @@ def profile(s: Session, variants: Sequence[str], eval_set: "EvalSet | None" = No
         for v in variants:
             torch.cuda.reset_peak_memory_stats()
             ctx = contexts[0]
-            x, lens = _batch(s, split, groups[ctx])
+            x, lens = _batch(s, split, groups[ctx], models[v])
             u = split.utts[groups[ctx][0]]
             decode(models[v], x, lens, tok.prompt(u.task, u.source_lang, u.target_lang), keep[v][ctx],
                    options_for_task(scored, u.task), tok.decode)

@@ -10,43 +10,27 @@ from typing import Any
 from prune_cli.data.batching import Split
 from prune_cli.engine.masking import exact_cut, mode_pattern, predict_keep
 from prune_cli.engine.session import Session
-from prune_cli.gating.masks import MaskFile, layerdrop_mask, random_mask
+from prune_cli.gating.checkpoint import GateCheckpoint
+from prune_cli.gating.masks import MaskFile, layerdrop_mask, mask_stats, random_mask
 from prune_cli.gating.predictor import LabelVocab
-from prune_cli.gating.sparsity import SCOPES, SparsitySpec
-from prune_cli.model.checkpoint import read_checkpoint, save_model
+from prune_cli.gating.sparsity import SparsitySpec
+from prune_cli.model.checkpoint import save_model
 from prune_cli.model.flops import module_flops
-from prune_cli.model.s2t import SpeechModel
 from prune_cli.progress import log
 from prune_cli.variants import CONTEXT, LAYERDROP, RANDOM, VARIANTS
-
-
-def mask_stats(model: SpeechModel, keep: list[int], module_flops: dict[str, int]) -> dict[str, Any]:
-    """Module-count sparsity per scope and FLOPs of the kept modules at the reference utterance size."""
-    mods = model.modules_list
-    out: dict[str, Any] = {}
-    for scope in SCOPES:
-        idx = [i for i, m in enumerate(mods) if m.part == scope]
-        out[f"sparsity_{scope}"] = round(sum(1 - keep[i] for i in idx) / len(idx), 4)
-    out["sparsity_total"] = round(sum(1 - k for k in keep) / len(keep), 4)
-    dense = sum(module_flops.values())
-    kept = sum(module_flops[m.name] for m, k in zip(mods, keep) if k)
-    out["prunable_flops"] = int(kept)
-    out["prunable_flops_ratio"] = round(kept / dense, 4) if dense else 1.0
-    return out
 
 
 def export_masks(s: Session) -> MaskFile:
     model = s.base_model()
     train, test = s.split("train"), s.split(s.recipe.eval.split)
-    ctx_ckpt = read_checkpoint(s.run.predictor_ckpt(CONTEXT.name), "prune-cli/gates", "prune-cli train RECIPE --stage gates")
-    targets: dict[str, float] = ctx_ckpt["targets"]
+    ctx_ckpt = GateCheckpoint.load(s.run.predictor_ckpt(CONTEXT.name))
+    targets = ctx_ckpt.targets
     # Same weighting as training (module count, or FLOPs), so calibrated masks hit the target in the same units.
-    floor = ctx_ckpt.get("min_cross_attention", 0)  # gate checkpoints from before the floor have none
-    always_run = ctx_ckpt.get("always_run", [])
-    spec = SparsitySpec.for_targets(model.modules_list, targets, ctx_ckpt["module_flops"], floor, always_run)
-    labels = LabelVocab.from_blob(ctx_ckpt)
+    floor, always_run = ctx_ckpt.min_cross_attention, ctx_ckpt.always_run
+    spec = SparsitySpec.for_targets(model.modules_list, targets, ctx_ckpt.module_flops, floor, always_run)
+    labels = ctx_ckpt.labels
     mean_frames = int(sum(f.shape[0] for f in train.feats) / len(train))
-    flops = ctx_ckpt["module_flops"] or module_flops(model, mean_frames, 12)
+    flops = ctx_ckpt.module_flops or module_flops(model, mean_frames, 12)
     # Every context seen in any split gets a mask.
     contexts = sorted({u.context for split in (train, test) for u in split.utts})
     variants: dict[str, dict[str, list[int]]] = {}
@@ -74,12 +58,12 @@ def export_masks(s: Session) -> MaskFile:
                 if restored[v.name]:
                     log(f"masks: {v.name}: gates.min_cross_attention={floor} restored cross-attention in "
                         f"{', '.join(restored[v.name])}")
-    stats = {v: {c: mask_stats(model, keep, flops) for c, keep in table.items()} for v, table in variants.items()}
+    stats = {v: {c: mask_stats(model.modules_list, keep, flops) for c, keep in table.items()} for v, table in variants.items()}
     own_base = {v: s.base_model(v).weights_hash() for v in variants if s.base_model(v) is not model}
     mf = MaskFile(
         modules=[m.name for m in model.modules_list], arch_hash=model.arch_hash(), weights_hash=model.weights_hash(),
         variants=variants, stats=stats, per_utterance=per_utt, variant_weights=own_base,
-        meta={"targets": targets, "scope": ctx_ckpt["scope"], **labels.to_blob(), "module_flops": flops,
+        meta={"targets": targets, "scope": ctx_ckpt.scope, **labels.to_blob(), "module_flops": flops,
               "reference_utterance": {"frames": mean_frames, "tokens": 12}, "recipe_hash": s.run.stage_hash("prune"),
               "context_exact_cut": context_exact, "min_cross_attention": floor, "always_run": always_run,
               "cross_attention_restored": restored},

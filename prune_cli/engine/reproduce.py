@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prune_cli.recipe import CheckConfig
+from prune_cli.recipe_schema import CheckConfig
 from prune_cli.runs import BITWISE_ENV_KEYS
 
 

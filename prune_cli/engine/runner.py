@@ -18,7 +18,9 @@ from prune_cli.engine.session import Session
 from prune_cli.errors import MissingInputError, UsageError
 from prune_cli.plots import plot_cost, plot_heatmap, plot_pareto
 from prune_cli.progress import log, progress
-from prune_cli.recipe import Recipe, build_recipe, point_label, sweep_point_raw
+from prune_cli.recipe import build_recipe
+from prune_cli.recipe_schema import Recipe
+from prune_cli.recipe_yaml import point_label, sweep_point_raw
 from prune_cli.runs import STAGES, RunDir
 from prune_cli.variants import TRAINED, VARIANTS
 
@@ -56,17 +58,20 @@ def synthesize(r: Recipe) -> dict[str, Any]:
 
 
 def stage_base(s: Session) -> dict[str, Any]:
+    if s.is_whisper:  # a pretrained base is imported, not trained: no loop checkpoints to stamp
+        from prune_cli.engine.pretrained import import_pretrained_base
+
+        return import_pretrained_base(s)
     from prune_cli.engine.train import train_base
 
-    if not s.is_whisper:  # a pretrained base is imported, not trained: no loop checkpoints to stamp
-        _fresh_if_changed(s, "base", ["base"])
+    _fresh_if_changed(s, "base", ["base"])
     return train_base(s)
 
 
 def stage_gates(s: Session) -> dict[str, Any]:
-    from prune_cli.engine.train import train_gates
+    from prune_cli.engine.train import ADAPT_LOOP, train_gates
 
-    _fresh_if_changed(s, "gates", [str(v.loop) for v in TRAINED])
+    _fresh_if_changed(s, "gates", [ADAPT_LOOP, *(str(v.loop) for v in TRAINED)])
     return train_gates(s)
 
 
@@ -87,7 +92,7 @@ def stage_prune(s: Session, materialize: bool | None = None) -> dict[str, Any]:
 
 def stage_eval(s: Session, variants: list[str] | None = None, contexts: list[str] | None = None,
                eval_set: EvalSet | None = None) -> dict[str, Any]:
-    from prune_cli.engine.evaluate import evaluate
+    from prune_cli.engine.evaluate import evaluate, load_eval_set
 
     full = eval_set is None and contexts is None and variants is None
     extra = s.recipe.eval.set_paths(s.recipe.data.manifest_dir) if full else []
@@ -99,7 +104,7 @@ def stage_eval(s: Session, variants: list[str] | None = None, contexts: list[str
         result["sets"] = {}
         for name, path in extra:
             log(f"[eval] test set {name} ({path})")
-            result["sets"][name] = evaluate(s, s.recipe.eval.variants, None, s.eval_set(path, name, None))["averages"]
+            result["sets"][name] = evaluate(s, s.recipe.eval.variants, None, load_eval_set(s, path, name, None))["averages"]
     return result
 
 

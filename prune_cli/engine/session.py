@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -16,25 +16,24 @@ import torch.distributed as dist
 from prune_cli.atomic import atomic_torch_save
 from prune_cli.contexts import ContextVocab, language_problem, parse_context_key, task_problem
 from prune_cli.data.batching import InputSpec, Split, SplitSpec, load_split
+from prune_cli.data.config import ContextDefaults
 from prune_cli.data.features import compute_cmvn
-from prune_cli.data.manifest import fingerprint, split_fingerprint, split_path
+from prune_cli.data.manifest import split_fingerprint, split_path
 from prune_cli.data.tokenizer import Tokenizer, train_tokenizer
 from prune_cli.data.whisper_features import CHUNK_FRAMES
 from prune_cli.data.whisper_tokenizer import WhisperTokenizer
 from prune_cli.errors import CheckpointError, DataError, MissingInputError, UsageError
+from prune_cli.gating.checkpoint import GateCheckpoint
 from prune_cli.gating.masks import MaskFile
 from prune_cli.gating.predictor import GatePredictor, LabelVocab
-from prune_cli.model.checkpoint import load_model, read_checkpoint
+from prune_cli.model.checkpoint import load_model
 from prune_cli.model.s2t import SpeechModel, dims_from_recipe, max_input_frames
 from prune_cli.model.whisper import WhisperModel
 from prune_cli.model.whisper_import import TokenizerFiles
 from prune_cli.progress import log
-from prune_cli.recipe import ContextDefaults, Recipe, is_plain_name
+from prune_cli.recipe_schema import Recipe
 from prune_cli.runs import RunDir
 from prune_cli.variants import CONTEXT, VARIANTS
-
-if TYPE_CHECKING:
-    from prune_cli.engine.evaluate import EvalSet
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -91,6 +90,12 @@ class Session:
             return InputSpec(None, CHUNK_FRAMES if self.recipe.model.whisper_input == "padded" else None)
         return InputSpec(self.cmvn)
 
+    def inputs_for(self, model: SpeechModel) -> InputSpec:
+        """The input a loaded model runs on: a Whisper's own mode (see `configure`), the recipe's otherwise."""
+        if isinstance(model, WhisperModel):
+            return InputSpec(None, CHUNK_FRAMES if model.padded_input else None)
+        return self.inputs
+
     @property
     def max_tokens(self) -> int:
         """The decoder's positions: prompt + text + end of text must fit."""
@@ -106,20 +111,6 @@ class Session:
                                          spec.max_frames, split_fingerprint(d.manifest_dir, d.kaldi_dir, name), *front]
                                         ).encode()).hexdigest()[:10]
         return load_split(spec, cache=self.run.path / "cache" / f"{name}-{key}.pt")
-
-    def eval_set(self, path: Path, name: str, context: str | None) -> "EvalSet":
-        """A test set from outside the recipe; `context` (e.g. `asr:de`) for utterances whose data names none.
-        Read fresh every time (not cached in the run dir: an eval of another set writes only its own folder)."""
-        from prune_cli.engine.evaluate import EvalSet
-
-        if not is_plain_name(name):
-            raise UsageError(f"--name {name!r}: a plain folder name (letters, digits, '.', '_', '-'), the set's folder under eval/sets/")
-        if not path.exists():
-            raise MissingInputError(f"--manifest {path}: not found (a JSONL manifest or a Kaldi data dir)")
-        defaults = self.recipe.data.defaults if context is None else parse_context(context)
-        spec = replace(split_spec(self.recipe, "test"), path=path, defaults=defaults)
-        split = load_split(spec)
-        return EvalSet(name, path, split, fingerprint(path), sum(u.context_defaulted for u in split.utts))
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -188,10 +179,12 @@ class Session:
     def variant_model(self, variant: str) -> SpeechModel:
         return self.base_model(variant) if VARIANTS[variant].masked else self.dense_model()
 
-    def configure(self, model: SpeechModel) -> SpeechModel:
-        """Run-time settings a checkpoint does not carry: Whisper's input mode."""
+    def configure(self, model: SpeechModel, untouched: bool = False) -> SpeechModel:
+        """Run-time settings a checkpoint does not carry: Whisper's input mode. `untouched`: the pretrained weights as
+        imported (the base checkpoint), which run in model.pretrained_input when the recipe sets it."""
         if isinstance(model, WhisperModel):
-            model.padded_input = self.recipe.model.whisper_input == "padded"
+            m = self.recipe.model
+            model.padded_input = (m.pretrained_input if untouched and m.pretrained_input else m.whisper_input) == "padded"
         return model
 
     def _load(self, path: Path, hint: str) -> SpeechModel:
@@ -202,7 +195,7 @@ class Session:
                 raise CheckpointError(f"{path}: a {model.family} checkpoint, but the recipe's model.family is "
                                       f"{self.recipe.model.family}")
             if isinstance(model, WhisperModel):
-                self.configure(model)
+                self.configure(model, untouched=path == self.run.base_ckpt)
                 want, have = {}, {}
             else:
                 want = asdict(dims_from_recipe(self.recipe.model, self.recipe.features.n_mels, self.tokenizer.vocab_size))
@@ -217,19 +210,19 @@ class Session:
     def predictor(self, variant: str = CONTEXT.name) -> GatePredictor:
         """A learned variant's gate predictor (the static one has no inputs), checked against the recipe and model."""
         path = self.run.predictor_ckpt(variant)
-        blob = read_checkpoint(path, "prune-cli/gates", "prune-cli train RECIPE --stage gates")
+        ckpt = GateCheckpoint.load(path)
         g = self.recipe.gates
         want_inputs = list(g.inputs) if VARIANTS[variant].context_inputs else []
         n_modules = self.base_model(variant).n_modules
         problems = []
-        if blob.get("inputs") != want_inputs:
-            problems.append(f"inputs {blob.get('inputs')} (recipe: {want_inputs})")
-        if blob.get("n_modules") != n_modules:
-            problems.append(f"{blob.get('n_modules')} modules (the model has {n_modules})")
-        pred = build_predictor(self.recipe, n_modules, want_inputs, LabelVocab.from_blob(blob), self.tokenizer.vocab)
+        if ckpt.inputs != want_inputs:
+            problems.append(f"inputs {ckpt.inputs} (recipe: {want_inputs})")
+        if ckpt.n_modules != n_modules:
+            problems.append(f"{ckpt.n_modules} modules (the model has {n_modules})")
+        pred = build_predictor(self.recipe, n_modules, want_inputs, ckpt.labels, self.tokenizer.vocab)
         if not problems:
             try:
-                pred.load_state_dict(blob["state_dict"])
+                pred.load_state_dict(ckpt.state_dict)
             except (RuntimeError, KeyError) as e:
                 problems.append(f"weights that do not fit gates.embed_dim={g.embed_dim} / gates.hidden={g.hidden} "
                                 f"({str(e).splitlines()[0][:120]})")

@@ -9,10 +9,11 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from prune_cli.atomic import atomic_write_json
 from prune_cli.errors import CheckpointError
+from prune_cli.gating.sparsity import SCOPES
 from prune_cli.model.gated import PrunableModule
 from prune_cli.variants import CONTEXT
 
@@ -114,3 +115,17 @@ def layerdrop_mask(modules: list[PrunableModule], targets: dict[str, float]) -> 
             if m.part == scope and m.layer in drop:
                 keep[i] = 0
     return keep
+
+
+def mask_stats(modules: Sequence[PrunableModule], keep: Sequence[int], module_flops: dict[str, int]) -> dict[str, Any]:
+    """Module-count sparsity per scope and FLOPs of the kept modules at the reference utterance size."""
+    out: dict[str, Any] = {}
+    for scope in SCOPES:
+        idx = [i for i, m in enumerate(modules) if m.part == scope]
+        out[f"sparsity_{scope}"] = round(sum(1 - keep[i] for i in idx) / len(idx), 4)
+    out["sparsity_total"] = round(sum(1 - k for k in keep) / len(keep), 4)
+    dense = sum(module_flops.values())
+    kept = sum(module_flops[m.name] for m, k in zip(modules, keep) if k)
+    out["prunable_flops"] = int(kept)
+    out["prunable_flops_ratio"] = round(kept / dense, 4) if dense else 1.0
+    return out

@@ -96,13 +96,15 @@ def decode_hypotheses(
         raise ValueError("temperature fallback needs text_of, the tokenizer's decode")
     mem, mem_lens, mem_mask = model.encode(feats, lens, keep)
     b = mem.shape[0]
+    start = _prompt_state(model, mem, mem_mask, prompt, keep) if fallback and opts.use_cache else None
     tried: list[list[Hypothesis]] = [[] for _ in range(b)]
     chosen: list[Hypothesis | None] = [None] * b
     todo = list(range(b))
     gen = torch.Generator(device=mem.device).manual_seed(opts.seed)
     for t in opts.temperatures:
         rows = torch.tensor(todo, device=mem.device)
-        hyps = _attempt(model, mem[rows], mem_lens[rows], mem_mask[rows], prompt, keep, opts, t, gen)
+        hyps = _attempt(model, mem[rows], mem_lens[rows], mem_mask[rows], prompt, keep, opts, t, gen,
+                        None if start is None else (start, rows))
         still = []
         for i, h in zip(todo, hyps):
             h.temperature = t
@@ -131,9 +133,19 @@ def _needs_fallback(h: Hypothesis, opts: DecodeOptions) -> bool:
     return _repetitive(h, opts) or too_unsure
 
 
+def _prompt_state(model, mem, mem_mask, prompt, keep) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # noqa: ANN001
+    """The decoder's cache after the prompt (its self-attention keys and values, and the cross-attention keys and values
+    of the audio) and the first step's logits, for every row: each fallback attempt starts from them instead of
+    projecting the audio again for each of its samples (with 30-s input, most of a sampled attempt's cost)."""
+    cache: dict[str, torch.Tensor] = {}
+    tokens = torch.tensor([list(prompt)] * mem.shape[0], device=mem.device)
+    return cache, model.decode_logits(tokens, mem, mem_mask, keep, cache=cache)[:, -1]
+
+
 def _attempt(model, mem, mem_lens, mem_mask, prompt, keep, opts: DecodeOptions, temperature: float,  # noqa: ANN001
-             gen: torch.Generator) -> list[Hypothesis]:
-    """One decode of every row: greedy or beam at temperature 0, else the best of `best_of` samples."""
+             gen: torch.Generator, start=None) -> list[Hypothesis]:  # noqa: ANN001
+    """One decode of every row: greedy or beam at temperature 0, else the best of `best_of` samples. `start`:
+    (the prompt state of the whole batch, the rows these are), shared by every attempt."""
     b = mem.shape[0]
     if temperature == 0 and opts.beam_size > 1:
         seqs, scores, lengths = _beam(model, mem, mem_lens, mem_mask, prompt, keep, opts)
@@ -143,20 +155,27 @@ def _attempt(model, mem, mem_lens, mem_mask, prompt, keep, opts: DecodeOptions, 
         return [Hypothesis(seqs[i], float(scores.view(-1)[i]) / (lengths[i].item() + 1)) for i in best]
     n = 1 if temperature == 0 else opts.best_of
     rep = lambda x: x.repeat_interleave(n, 0)  # noqa: E731
-    seqs, logps = _greedy(model, rep(mem), rep(mem_lens), rep(mem_mask), prompt, keep, opts, temperature, gen)
+    init = None
+    if start is not None:
+        (cache, logits), rows = start
+        init = ({k: rep(v[rows]) for k, v in cache.items()}, rep(logits[rows]))
+    seqs, logps = _greedy(model, rep(mem), rep(mem_lens), rep(mem_mask), prompt, keep, opts, temperature, gen, init)
     hyps = [Hypothesis(q, lp / (len(q) + 1)) for q, lp in zip(seqs, logps)]
     return [max(hyps[i * n : (i + 1) * n], key=lambda h: h.avg_logprob) for i in range(b)]
 
 
 def _greedy(model, mem, mem_lens, mem_mask, prompt, keep, opts, temperature: float = 0.0,  # noqa: ANN001
-            gen: torch.Generator | None = None) -> tuple[list[list[int]], list[float]]:
+            gen: torch.Generator | None = None, init=None) -> tuple[list[list[int]], list[float]]:  # noqa: ANN001
     """Greedy (temperature 0) or sampled tokens of each row, and each row's summed log-probability (at temperature 1,
-    as openai-whisper sums them, the end of text included)."""
+    as openai-whisper sums them, the end of text included). `init`: the cache and logits after the prompt."""
     b = mem.shape[0]
     tokens = torch.tensor([list(prompt)] * b, device=mem.device)
-    cache: dict[str, torch.Tensor] | None = {} if opts.use_cache else None
     eos = opts.eos
-    logits = model.decode_logits(tokens, mem, mem_mask, keep, cache=cache)[:, -1]
+    if init is not None:
+        cache, logits = init
+    else:
+        cache = {} if opts.use_cache else None
+        logits = model.decode_logits(tokens, mem, mem_mask, keep, cache=cache)[:, -1]
     done = torch.zeros(b, dtype=torch.bool, device=mem.device)
     sum_logp = torch.zeros(b, device=mem.device)
     limits = _step_limits(model, mem_lens, len(prompt), opts)

@@ -8,11 +8,13 @@ took a quarter of a training step.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from prune_cli.model.gated import Gate, scaled
 
 
 class FeedForward(nn.Module):
@@ -173,3 +175,28 @@ class Conv2dSubsampling(nn.Module):
         h = self.conv(x.unsqueeze(1))  # (B, C, T', F')
         b, c, t, f = h.shape
         return self.proj(h.permute(0, 2, 1, 3).reshape(b, t, c * f)), self.out_lengths(lengths)
+
+
+class DecoderLayer(nn.Module):
+    """A pre-LN Transformer decoder layer, both families': self-attention, cross-attention and feed-forward, each
+    skipped under a None gate and absent once pruned away (`removed`)."""
+
+    def __init__(self, d: int, heads: int, ffn_dim: int, dropout: float, removed: set[str],
+                 attention: type[MultiHeadAttention] = MultiHeadAttention,
+                 activation: Callable[[torch.Tensor], torch.Tensor] = F.silu):
+        super().__init__()
+        self.self_attn = None if "self_attn" in removed else attention(d, heads, dropout)
+        self.src_attn = None if "src_attn" in removed else attention(d, heads, dropout, cross=True)
+        self.ffn = None if "ffn" in removed else FeedForward(d, ffn_dim, dropout, activation)
+
+    def forward(
+        self, x: torch.Tensor, mem: torch.Tensor, mem_mask: torch.Tensor | None, g: Sequence[Gate],
+        cache: dict[str, torch.Tensor] | None, idx: int,
+    ) -> torch.Tensor:
+        if g[0] is not None:
+            x = x + scaled(self.self_attn(x, causal=True, kv_cache=cache, key=f"{idx}.self"), g[0])
+        if g[1] is not None:
+            x = x + scaled(self.src_attn(x, mem=mem, mask=mem_mask, kv_cache=cache, key=f"{idx}.src"), g[1])
+        if g[2] is not None:
+            x = x + scaled(self.ffn(x), g[2])
+        return x

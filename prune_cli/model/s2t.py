@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prune_cli.model.gated import Gate, GatedModel, removed_kinds, scaled
-from prune_cli.model.layers import BranchMerge, Conv2dSubsampling, ConvGatedMLP, FeedForward, MultiHeadAttention, sinusoid
+from prune_cli.model.layers import BranchMerge, Conv2dSubsampling, ConvGatedMLP, DecoderLayer, FeedForward, MultiHeadAttention, sinusoid
 
 ENC_KINDS = ("ffn1", "attn", "cgmlp", "ffn2")
 DEC_KINDS = ("self_attn", "src_attn", "ffn")
@@ -66,27 +66,6 @@ class EBranchformerLayer(nn.Module):
         return x
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, dims: ModelDims, removed: set[str]):
-        super().__init__()
-        d, p = dims.d_model, dims.dropout
-        self.self_attn = None if "self_attn" in removed else MultiHeadAttention(d, dims.heads, p)
-        self.src_attn = None if "src_attn" in removed else MultiHeadAttention(d, dims.heads, p, cross=True)
-        self.ffn = None if "ffn" in removed else FeedForward(d, dims.ffn_dim, p)
-
-    def forward(
-        self, x: torch.Tensor, mem: torch.Tensor, mem_mask: torch.Tensor, g: Sequence[Gate],
-        cache: dict[str, torch.Tensor] | None, idx: int,
-    ) -> torch.Tensor:
-        if g[0] is not None:
-            x = x + scaled(self.self_attn(x, causal=True, kv_cache=cache, key=f"{idx}.self"), g[0])
-        if g[1] is not None:
-            x = x + scaled(self.src_attn(x, mem=mem, mask=mem_mask, kv_cache=cache, key=f"{idx}.src"), g[1])
-        if g[2] is not None:
-            x = x + scaled(self.ffn(x), g[2])
-        return x
-
-
 class Encoder(nn.Module):
     def __init__(self, dims: ModelDims, removed: set[str]):
         super().__init__()
@@ -116,7 +95,7 @@ class Decoder(nn.Module):
         nn.init.normal_(self.embed.weight, std=dims.d_model**-0.5)  # tied output: keep initial logits O(1)
         self.pos = nn.Parameter(torch.randn(dims.max_len, dims.d_model) * 0.02)
         self.layers = nn.ModuleList(
-            DecoderLayer(dims, removed_kinds(removed, "decoder", i))
+            DecoderLayer(dims.d_model, dims.heads, dims.ffn_dim, dims.dropout, removed_kinds(removed, "decoder", i))
             for i in range(dims.dec_layers)
         )
         self.norm = nn.LayerNorm(dims.d_model)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prune_cli.model.gated import Gate, GatedModel, removed_kinds, scaled
-from prune_cli.model.layers import FeedForward, MultiHeadAttention
+from prune_cli.model.layers import DecoderLayer, FeedForward, MultiHeadAttention
 
 ENC_KINDS = ("attn", "ffn")
 DEC_KINDS = ("self_attn", "src_attn", "ffn")
@@ -63,24 +63,6 @@ class EncoderLayer(nn.Module):
             x = x + scaled(self.attn(x, mask=mask), g[0])
         if g[1] is not None:
             x = x + scaled(self.ffn(x), g[1])
-        return x
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, dims: WhisperDims, removed: set[str]):
-        super().__init__()
-        d, p = dims.d_model, dims.dropout
-        self.self_attn = None if "self_attn" in removed else Attention(d, dims.heads, p)
-        self.src_attn = None if "src_attn" in removed else Attention(d, dims.heads, p, cross=True)
-        self.ffn = None if "ffn" in removed else FeedForward(d, dims.ffn_dim, p, F.gelu)
-
-    def forward(self, x, mem, mem_mask, g: Sequence[Gate], cache, idx: int) -> torch.Tensor:  # noqa: ANN001
-        if g[0] is not None:
-            x = x + scaled(self.self_attn(x, causal=True, kv_cache=cache, key=f"{idx}.self"), g[0])
-        if g[1] is not None:
-            x = x + scaled(self.src_attn(x, mem=mem, mask=mem_mask, kv_cache=cache, key=f"{idx}.src"), g[1])
-        if g[2] is not None:
-            x = x + scaled(self.ffn(x), g[2])
         return x
 
 
@@ -131,7 +113,9 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(dims.vocab, dims.d_model)
         self.pos = nn.Parameter(torch.zeros(dims.max_len, dims.d_model))
-        self.layers = nn.ModuleList(DecoderLayer(dims, removed_kinds(removed, "decoder", i)) for i in range(dims.dec_layers))
+        self.layers = nn.ModuleList(DecoderLayer(dims.d_model, dims.heads, dims.ffn_dim, dims.dropout,
+                                                 removed_kinds(removed, "decoder", i), Attention, F.gelu)
+                                    for i in range(dims.dec_layers))
         self.norm = nn.LayerNorm(dims.d_model)
         self.dropout = dims.dropout
 
