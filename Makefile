@@ -46,5 +46,5 @@ gpu-check: $(STAMP)
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf runs corpora data_manifests/demo data_manifests/ci_smoke .pytest_cache
+	rm -rf runs corpora data_manifests/demo data_manifests/scratch data_manifests/ci_smoke data_manifests/whisper_base data_manifests/study data_manifests/many_langs .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -22,7 +22,7 @@ from prune_cli.engine.session import Session, parse_context, split_spec
 from prune_cli.errors import DataError, MissingInputError, UsageError
 from prune_cli.gating.masks import MaskFile, mask_stats
 from prune_cli.model.decoding import DecodeOptions, decode
-from prune_cli.model.s2t import SpeechModel
+from prune_cli.model.gated import GatedModel
 from prune_cli.progress import log, progress
 from prune_cli.recipe_checks import is_plain_name
 from prune_cli.recipe_schema import EvalConfig
@@ -30,7 +30,7 @@ from prune_cli.variants import CONTEXT, STATIC, VARIANTS
 
 
 def decode_split(
-    s: Session, model: SpeechModel, split: Split, idx: Sequence[int], patterns: Sequence, opts: DecodeOptions,
+    s: Session, model: GatedModel, split: Split, idx: Sequence[int], patterns: Sequence, opts: DecodeOptions,
     batch_size: int, bar=None,  # noqa: ANN001
 ) -> dict[int, str]:
     """Hypothesis text per utterance index, batching within (context, mask pattern) groups."""
@@ -51,7 +51,7 @@ def decode_split(
     return hyps
 
 
-def scored_options(cfg: EvalConfig, tok: Tokenizer, model: SpeechModel, seed: int) -> DecodeOptions:
+def scored_options(cfg: EvalConfig, tok: Tokenizer, model: GatedModel, seed: int) -> DecodeOptions:
     """The decoding whose output eval scores (profile times it too): the recipe's, with the model family's
     temperature fallback unless eval.temperatures names one."""
     temps = tuple(cfg.temperatures) if cfg.temperatures is not None else model.temperatures
@@ -200,7 +200,7 @@ def evaluate(s: Session, variants: Sequence[str], contexts: Sequence[str] | None
     return summary
 
 
-def mean_mask_stats(model: SpeechModel, patterns: Sequence, module_flops: dict[str, int]) -> dict[str, float]:
+def mean_mask_stats(model: GatedModel, patterns: Sequence, module_flops: dict[str, int]) -> dict[str, float]:
     """Sparsity per scope and prunable-FLOPs ratio of the masks eval decoded with, averaged over utterances: with
     per-utterance gates (acoustic or condition inputs) they differ between test sets."""
     flops = module_flops or {m.name: 1 for m in model.modules_list}

@@ -12,7 +12,7 @@ from prune_cli.engine.session import Session
 from prune_cli.gating.masks import MaskFile
 from prune_cli.gating.predictor import ContextInputs, GatePredictor, LabelVocab
 from prune_cli.gating.sparsity import SparsitySpec
-from prune_cli.model.s2t import SpeechModel
+from prune_cli.model.gated import GatedModel
 from prune_cli.recipe_schema import Recipe
 from prune_cli.variants import STATIC, VARIANTS
 
@@ -46,7 +46,7 @@ def exact_cut(r: Recipe, context_aware: bool) -> bool:
 
 
 def utterance_patterns(
-    s: Session, variant: str, model: SpeechModel, split: Split, idx: Sequence[int], masks: MaskFile | None,
+    s: Session, variant: str, model: GatedModel, split: Split, idx: Sequence[int], masks: MaskFile | None,
     fallback: dict[str, str] | None = None,
 ) -> list[Keep | None]:
     """Keep pattern of each utterance for a variant (None = dense). Per-utterance predictors are re-run.
@@ -73,7 +73,7 @@ def utterance_patterns(
     return [keep(split.utts[i].context) for i in idx]
 
 
-def spec_from_masks(model: SpeechModel, masks: MaskFile) -> SparsitySpec:
+def spec_from_masks(model: GatedModel, masks: MaskFile) -> SparsitySpec:
     return SparsitySpec.for_targets(model.modules_list, masks.meta.get("targets", {}), None,
                                     masks.meta.get("min_cross_attention", 0), masks.meta.get("always_run", []))
 

@@ -12,6 +12,7 @@ from prune_cli.data.batching import IGNORE, Batch
 from prune_cli.engine.session import Session
 from prune_cli.gating.predictor import ContextInputs, GatePredictor, LabelVocab, gumbel_straight_through, tau_at
 from prune_cli.gating.sparsity import SparsitySpec
+from prune_cli.model.gated import GatedModel
 from prune_cli.model.s2t import SpeechModel
 from prune_cli.runs import derived_generator
 
@@ -76,9 +77,9 @@ class BaseObjective(nn.Module):
 class GateObjective(nn.Module):
     """Task loss through hard-gated modules (Gumbel straight-through) + sparsity loss."""
 
-    def __init__(self, model: SpeechModel, predictor: GatePredictor | None, spec: SparsitySpec, session: Session,
+    def __init__(self, model: GatedModel, predictor: GatePredictor | None, spec: SparsitySpec, session: Session,
                  labels: LabelVocab, anneal_steps: int, seed: int, vocab: ContextVocab, calibrated: bool = False,
-                 frozen_from: int | None = None, teacher: SpeechModel | None = None, adapt_until: int = 0):
+                 frozen_from: int | None = None, teacher: GatedModel | None = None, adapt_until: int = 0):
         super().__init__()
         self.model, self.predictor, self.spec = model, predictor, spec
         self.s, self.labels, self.total, self.seed, self.vocab = session, labels, anneal_steps, seed, vocab

@@ -21,7 +21,7 @@ from prune_cli.engine.evaluate import EvalSet, options_for_task, resolve_context
 from prune_cli.engine.session import Session
 from prune_cli.model.decoding import DecodeOptions, decode
 from prune_cli.model.flops import count_flops, stable_name
-from prune_cli.model.s2t import SpeechModel
+from prune_cli.model.gated import GatedModel
 from prune_cli.progress import progress
 from prune_cli.variants import DENSE, DENSE_TUNED, VARIANTS
 
@@ -79,7 +79,7 @@ def measure_interleaved(
     return dict(samples)
 
 
-def _batch(s: Session, split: Split, idx: Sequence[int], model: SpeechModel) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(s: Session, split: Split, idx: Sequence[int], model: GatedModel) -> tuple[torch.Tensor, torch.Tensor]:
     x, lens = model_inputs(split, idx, s.inputs_for(model))
     return x.to(s.device), lens.to(s.device)
 
@@ -92,7 +92,7 @@ def _kind_of(fqn: str) -> str | None:
     return f"{part}.{kind}"
 
 
-def variant_flops(s: Session, model: SpeechModel, split: Split, groups: dict[str, list[int]],
+def variant_flops(s: Session, model: GatedModel, split: Split, groups: dict[str, list[int]],
                   keep_of: dict[str, tuple[bool, ...] | None], opts: DecodeOptions) -> dict[str, Any]:
     """Encoder forward + the full autoregressive decode at its real output lengths, summed over contexts."""
     tok = s.tokenizer

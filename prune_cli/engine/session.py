@@ -27,7 +27,8 @@ from prune_cli.gating.checkpoint import GateCheckpoint
 from prune_cli.gating.masks import MaskFile
 from prune_cli.gating.predictor import GatePredictor, LabelVocab
 from prune_cli.model.checkpoint import load_model
-from prune_cli.model.s2t import SpeechModel, dims_from_recipe, max_input_frames
+from prune_cli.model.gated import GatedModel
+from prune_cli.model.s2t import dims_from_recipe, max_input_frames
 from prune_cli.model.whisper import WhisperModel
 from prune_cli.model.whisper_import import TokenizerFiles
 from prune_cli.progress import log
@@ -76,7 +77,7 @@ class Session:
         self.run = run
         self.device = device
         self.dist = Dist()
-        self._models: dict[str, SpeechModel] = {}  # loaded checkpoints, by path (inference only)
+        self._models: dict[str, GatedModel] = {}  # loaded checkpoints, by path (inference only)
 
     # ---- data
     @property
@@ -90,7 +91,7 @@ class Session:
             return InputSpec(None, CHUNK_FRAMES if self.recipe.model.whisper_input == "padded" else None)
         return InputSpec(self.cmvn)
 
-    def inputs_for(self, model: SpeechModel) -> InputSpec:
+    def inputs_for(self, model: GatedModel) -> InputSpec:
         """The input a loaded model runs on: a Whisper's own mode (see `configure`), the recipe's otherwise."""
         if isinstance(model, WhisperModel):
             return InputSpec(None, CHUNK_FRAMES if model.padded_input else None)
@@ -166,20 +167,20 @@ class Session:
         return stats
 
     # ---- models
-    def base_model(self, variant: str = CONTEXT.name) -> SpeechModel:
+    def base_model(self, variant: str = CONTEXT.name) -> GatedModel:
         """The base a masked variant runs on: with gates.finetune_base, the copy fine-tuned under its own gates."""
         if not self.recipe.gates.finetune_base:
             return self.dense_model()
         return self._load(self.run.finetuned_ckpt_for(variant), "prune-cli train RECIPE --stage gates")
 
-    def dense_model(self) -> SpeechModel:
+    def dense_model(self) -> GatedModel:
         """The unpruned reference: the base as trained, before any fine-tuning for pruning."""
         return self._load(self.run.base_ckpt, "prune-cli train RECIPE --stage base")
 
-    def variant_model(self, variant: str) -> SpeechModel:
+    def variant_model(self, variant: str) -> GatedModel:
         return self.base_model(variant) if VARIANTS[variant].masked else self.dense_model()
 
-    def configure(self, model: SpeechModel, untouched: bool = False) -> SpeechModel:
+    def configure(self, model: GatedModel, untouched: bool = False) -> GatedModel:
         """Run-time settings a checkpoint does not carry: Whisper's input mode. `untouched`: the pretrained weights as
         imported (the base checkpoint), which run in model.pretrained_input when the recipe sets it."""
         if isinstance(model, WhisperModel):
@@ -187,7 +188,7 @@ class Session:
             model.padded_input = (m.pretrained_input if untouched and m.pretrained_input else m.whisper_input) == "padded"
         return model
 
-    def _load(self, path: Path, hint: str) -> SpeechModel:
+    def _load(self, path: Path, hint: str) -> GatedModel:
         key = str(path)
         if key not in self._models:
             model, _ = load_model(path, hint)

@@ -21,6 +21,7 @@ from prune_cli.gating.predictor import ContextInputs, GatePredictor, LabelVocab,
 from prune_cli.gating.sparsity import SparsitySpec, calibration_shift
 from prune_cli.model.checkpoint import load_model, save_model
 from prune_cli.model.flops import module_flops
+from prune_cli.model.gated import GatedModel
 from prune_cli.model.s2t import SpeechModel, count_params, dims_from_recipe
 from prune_cli.progress import log
 from prune_cli.runs import seed_everything
@@ -91,13 +92,13 @@ def calibrate_thresholds(s: Session, predictor: GatePredictor, spec: SparsitySpe
         append_jsonl(s.run.path / "logs" / "gates.jsonl", {"event": "calibrate", "step": step, "before": before, "after": after})
 
 
-def _load_base(s: Session) -> SpeechModel:
+def _load_base(s: Session) -> GatedModel:
     model, _ = load_model(s.run.base_ckpt, "prune-cli train RECIPE --stage base")
     return s.configure(model).to(s.device).eval()
 
 
 def shared_adaptation(s: Session, train: Split, dev: Split, sparsity: SparsitySpec, labels: LabelVocab,
-                      seed: int, teacher: SpeechModel | None) -> Path:
+                      seed: int, teacher: GatedModel | None) -> Path:
     """The phased schedule's dense first steps, run once for every variant (checkpoints/adapt/last.pt).
 
     Until gates.adapt_share every variant runs the same loop: every module kept, the same data order, the base's

@@ -23,7 +23,7 @@ import torch
 
 from prune_cli.data.tokenizer import BASE_SPECIALS, EOS
 from prune_cli.model.ctc_prefix import CTCPrefixScorer
-from prune_cli.model.s2t import SpeechModel
+from prune_cli.model.gated import GatedModel
 
 
 @dataclass
@@ -68,7 +68,7 @@ def _suppressed(logits: torch.Tensor, first: bool, opts: DecodeOptions) -> torch
     return logits
 
 
-def _step_limits(model: SpeechModel, mem_lens: torch.Tensor, prompt_len: int, opts: DecodeOptions) -> torch.Tensor:
+def _step_limits(model: GatedModel, mem_lens: torch.Tensor, prompt_len: int, opts: DecodeOptions) -> torch.Tensor:
     """Each utterance's most output tokens: max_len_ratio per encoder frame of its own audio, within the decoder's
     positions (so the cap follows the audio's duration, also under Whisper's 30-s padding)."""
     budget = model.dims.max_len - prompt_len
@@ -77,7 +77,7 @@ def _step_limits(model: SpeechModel, mem_lens: torch.Tensor, prompt_len: int, op
 
 @torch.inference_mode()
 def decode(
-    model: SpeechModel, feats: torch.Tensor, lens: torch.Tensor, prompt: Sequence[int],
+    model: GatedModel, feats: torch.Tensor, lens: torch.Tensor, prompt: Sequence[int],
     keep: Sequence[bool] | None, opts: DecodeOptions, text_of: Callable[[list[int]], str] | None = None,
 ) -> list[list[int]]:
     """Token ids (without prompt and EOS) for each utterance of the batch. With more than one temperature, `text_of`
@@ -87,7 +87,7 @@ def decode(
 
 @torch.inference_mode()
 def decode_hypotheses(
-    model: SpeechModel, feats: torch.Tensor, lens: torch.Tensor, prompt: Sequence[int],
+    model: GatedModel, feats: torch.Tensor, lens: torch.Tensor, prompt: Sequence[int],
     keep: Sequence[bool] | None, opts: DecodeOptions, text_of: Callable[[list[int]], str] | None = None,
 ) -> list[Hypothesis]:
     """The kept hypothesis of each utterance, with its average log-probability, compression ratio and temperature."""
