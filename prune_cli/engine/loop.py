@@ -139,30 +139,28 @@ def run_loop(spec: LoopSpec, train: Split, dev: Split, s: Session) -> dict[str, 
                 g["lr"] = lr * lr_factor(step, spec.warmup, spec.steps) if on else 0.0
             if spec.before_step is not None:
                 spec.before_step(step)
-            if not any(active):  # nothing learns (dense_tuned while the others' predictors do): the data moves on
-                for _ in range(spec.grad_accum):
-                    if pos >= len(plan):
-                        epoch, pos = epoch + 1, 0
-                        plan = _batch_plan(train, s, epoch, spec.seed)
-                    pos += 1
-                step += 1
-                bar.advance(1, postfix="idle: no parameter learns at this step")
-                if step % spec.save_every == 0 or step == end:
-                    save(last)
-                continue
+            idle = not any(active)  # nothing learns (dense_tuned while the others' predictors do): the data moves on
             logs: dict[str, float] = {}
             for _ in range(spec.grad_accum):
                 if pos >= len(plan):
                     epoch, pos = epoch + 1, 0
                     plan = _batch_plan(train, s, epoch, spec.seed)
-                batch = prepare_batch(train, plan[pos], s, (spec.seed, step))
                 pos += 1
+                if idle:
+                    continue
+                batch = prepare_batch(train, plan[pos - 1], s, (spec.seed, step))
                 with _autocast(s):
                     loss, logs = objective(batch, step)
                 if not math.isfinite(logs["loss"]):  # a diverged run must never be saved or marked complete
                     raise TrainingError(f"{spec.name}: non-finite loss at step {step + 1} ({logs['loss']}); "
                                         "lower the learning rate, then rerun (it resumes from the last good checkpoint)")
                 (loss / spec.grad_accum).backward()
+            if idle:
+                step += 1
+                bar.advance(1, postfix="idle: no parameter learns at this step")
+                if step % spec.save_every == 0 or step == end:
+                    save(last)
+                continue
             gnorm = torch.nn.utils.clip_grad_norm_([p for g in spec.params for p in g["params"]], spec.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)

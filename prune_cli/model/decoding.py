@@ -156,9 +156,10 @@ def _attempt(model, mem, mem_lens, mem_mask, prompt, keep, opts: DecodeOptions, 
     n = 1 if temperature == 0 else opts.best_of
     rep = lambda x: x.repeat_interleave(n, 0)  # noqa: E731
     init = None
-    if start is not None:
+    if start is not None:  # one gather per tensor: these rows, each repeated n times
         (cache, logits), rows = start
-        init = ({k: rep(v[rows]) for k, v in cache.items()}, rep(logits[rows]))
+        pick = rows.repeat_interleave(n)
+        init = ({k: v[pick] for k, v in cache.items()}, logits[pick])
     seqs, logps = _greedy(model, rep(mem), rep(mem_lens), rep(mem_mask), prompt, keep, opts, temperature, gen, init)
     hyps = [Hypothesis(q, lp / (len(q) + 1)) for q, lp in zip(seqs, logps)]
     return [max(hyps[i * n : (i + 1) * n], key=lambda h: h.avg_logprob) for i in range(b)]
