@@ -32,8 +32,14 @@ def semantic_checks(r: Recipe) -> list[str]:
                 errs.append(f"{key}: Whisper has no CTC head; set it to 0")
         if r.data.sample_rate != 16000:
             errs.append(f"data.sample_rate: Whisper's front end takes 16000 Hz, got {r.data.sample_rate}")
+    elif r.model.family == "owsm":
+        if not r.model.pretrained:
+            errs.append("model.pretrained: the owsm family starts from a pretrained model (an ESPnet download, or a path "
+                        "written by `prune-cli model import`)")
+        if r.data.sample_rate != 16000:
+            errs.append(f"data.sample_rate: OWSM's front end takes 16000 Hz, got {r.data.sample_rate}")
     elif r.model.pretrained:
-        errs.append("model.pretrained: only the whisper family loads a pretrained model (set model.family: whisper)")
+        errs.append("model.pretrained: only the whisper and owsm families load a pretrained model (set model.family)")
     if r.model.d_model % r.model.heads:
         errs.append(f"model.d_model: {r.model.d_model} is not divisible by model.heads={r.model.heads}")
     if r.model.cgmlp_dim % 2:

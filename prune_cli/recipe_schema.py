@@ -43,9 +43,10 @@ class TokenizerConfig:
 
 @dataclass
 class ModelConfig:
-    family: Literal["ebranchformer", "whisper"] = "ebranchformer"
+    family: Literal["ebranchformer", "whisper", "owsm"] = "ebranchformer"
     # whisper: the pretrained model (whisper-base, a transformers dir, an openai-whisper .pt, a CTranslate2 dir, or
-    # a `prune-cli model import` .pt); the width and depth keys below are then the checkpoint's, not the recipe's
+    # a `prune-cli model import` .pt); owsm: an ESPnet download's directory or config.yaml, or an imported .pt.
+    # The width and depth keys below are then the checkpoint's, not the recipe's
     pretrained: str = ""
     whisper_input: Literal["padded", "variable"] = "padded"  # Whisper's 30-s input, or the utterance's own length
     # The untouched pretrained weights (the dense variant): their own input mode; null = whisper_input. Weights the

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 LANGS = ["<eng>", "<deu>", "<spa>", "<fra>", "<ita>"]
-TASKS = ["<asr>", "<st_eng>", "<st_deu>"]
+TASKS = ["<asr>", "<st_eng>", "<st_deu>", "<st_fra>"]
 TIMES = [f"<{i * 0.02:.2f}>" for i in range(4)]
 N_MELS = 80
 

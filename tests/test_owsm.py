@@ -202,3 +202,48 @@ def test_tokenizer_equals_espnets(owsm, corpus):
     assert tok.prompt("asr", "de", "de") == [tok_files.token_list.index(t) for t in ("<sos>", "<deu>", "<asr>", "<notimestamps>")]
     assert tok.prompt("st", "de", "en")[2] == tok_files.token_list.index("<st_eng>")
     assert [tok_files.token_list[i] for i in tok.suppress] == ref.TIMES  # no timestamps without <notimestamps>' rule
+
+
+@pytest.mark.slow
+def test_owsm_v31_base_dimensions_equal_espnet(tmp_path, smoke_root: Path, smoke_corpus: list[str]):
+    """OWSM v3.1 base's shape (its published config: size384_e6_d6, 50000 tokens; 6 heads and 1536-wide
+    feed-forwards and cgMLP assumed), random weights: encoder, logits with and without a skipped module, greedy tokens."""
+    from espnet.nets.batch_beam_search import BatchBeamSearch
+
+    rows = _corpus(smoke_root, 3)
+    texts = [json.loads(x)["text"] for x in (smoke_root / "corpus" / "manifests" / "train.jsonl").read_text().splitlines()]
+    r = ref.build(tmp_path, texts, d=384, heads=6, enc_layers=6, dec_layers=6, ffn=1536, cgmlp=1536, cgmlp_kernel=31,
+                  merge_kernel=31, dec_ffn=1536, vocab=50000)
+    model, tok_files = read_owsm(find_files(r.root))
+    assert model.dims.vocab == 50000 and 90e6 < sum(p.numel() for p in model.parameters()) < 120e6  # "101M parameters"
+    tok = _tokenizer(tok_files)
+    speech, feats = _speech(rows), _feats(rows)
+    ys, ys_lens = _teacher_forced(rows, tok)
+    keep = [m.name != "encoder.2.cgmlp" and m.name != "decoder.3.src_attn" for m in model.modules_list]
+    with torch.no_grad():
+        enc, enc_lens = r.model.encode(speech, torch.full((len(rows),), SPEECH_SAMPLES))
+        logits, _ = r.model.decoder(enc, enc_lens, ys, ys_lens)
+        hooks = [r.model.encoder.encoders[2].cgmlp.register_forward_hook(_zero_output),
+                 r.model.decoder.decoders[3].src_attn.register_forward_hook(_zero_output)]
+        skipped_enc, _ = r.model.encode(speech, torch.full((len(rows),), SPEECH_SAMPLES))
+        skipped, _ = r.model.decoder(skipped_enc, enc_lens, ys, ys_lens)
+        for h in hooks:
+            h.remove()
+        lens = torch.full((len(rows),), feats.shape[1])
+        mem, _, mem_mask = model.encode(feats, lens)
+        ours = model.decode_logits(ys, mem, mem_mask)
+        mem_k, _, mask_k = model.encode(feats, lens, keep)
+        ours_k = model.decode_logits(ys, mem_k, mask_k, keep)
+    valid = torch.arange(ys.shape[1])[None, :] < ys_lens[:, None]
+    assert (enc - mem).abs().max() < 1e-4
+    assert (logits - ours).abs().amax(-1)[valid].max() < 1e-4
+    assert (skipped - ours_k).abs().amax(-1)[valid].max() < 1e-4
+    prompt = tok.prompt(rows[0]["task"], rows[0]["source_lang"], rows[0]["target_lang"])
+    search = BatchBeamSearch(scorers={"decoder": r.model.decoder}, weights={"decoder": 1.0}, beam_size=1, vocab_size=50000,
+                             sos=tok.sos, eos=tok.eos, token_list=tok_files.token_list, pre_beam_score_key="full")
+    search.set_hyp_primer(prompt)
+    with torch.no_grad():
+        theirs = search(x=enc[0], maxlenratio=-8)[0].yseq.tolist()[len(prompt):]
+        got = decode(model, feats[:1], lens[:1], prompt, None, DecodeOptions(beam_size=1, eos=tok.eos, max_len_ratio=0.02))[0]
+    theirs = theirs[:-1] if theirs[-1] == tok.eos else theirs
+    assert theirs and got[: len(theirs)] == theirs

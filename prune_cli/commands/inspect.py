@@ -83,8 +83,8 @@ def data_check(manifests: Annotated[list[Path], typer.Argument(help="JSONL manif
         from prune_cli.report import contexts_table
 
         r = load_recipe(recipe)[0] if recipe else None
-        whisper = r is not None and r.model.family == "whisper"
-        model_limit = (CHUNK_FRAMES if whisper else max_input_frames()) / 100  # frames of 10 ms
+        family = r.model.family if r is not None else "ebranchformer"
+        model_limit = {"whisper": CHUNK_FRAMES, "owsm": CHUNK_FRAMES}.get(family, max_input_frames()) / 100  # 10-ms frames
         limit = max_seconds if max_seconds is not None else model_limit
         sample_rate = sample_rate or (r.data.sample_rate if r is not None else 16000)
         defaults = parse_context(context) if context else ContextDefaults()
@@ -122,6 +122,10 @@ def model_summary(recipe: RecipeArg, frames: Annotated[int, typer.Option(help="I
 
             model, _, _ = open_pretrained(r.model.pretrained)
             model.padded_input = (r.model.pretrained_input or r.model.whisper_input) == "padded"
+        elif r.model.family == "owsm":
+            from prune_cli.model.owsm_import import open_owsm
+
+            model, _, _ = open_owsm(r.model.pretrained)  # type: ignore[assignment]
         else:
             model = SpeechModel(dims_from_recipe(r.model, r.features.n_mels, r.tokenizer.vocab_size + 16))
         out = module_summary(model.eval(), frames, tokens)
@@ -130,21 +134,42 @@ def model_summary(recipe: RecipeArg, frames: Annotated[int, typer.Option(help="I
 
 @model_app.command("import")
 def model_import(source: Annotated[str, typer.Argument(help="whisper-base (the PyPI packages), a transformers Whisper dir, "
-                                                            "an openai-whisper .pt or a CTranslate2 / faster-whisper dir.")],
+                                                            "an openai-whisper .pt, a CTranslate2 / faster-whisper dir, or an "
+                                                            "OWSM (ESPnet) download: its directory or its config.yaml.")],
                  out: Annotated[Path, typer.Option("--out", help="The converted checkpoint (.pt) to write.")],
+                 weights: Annotated[Optional[Path], typer.Option(help="OWSM: the .pth weights (default: the one beside the config).")] = None,
+                 bpe: Annotated[Optional[Path], typer.Option(help="OWSM: the BPE model (default: the config's bpemodel).")] = None,
+                 stats: Annotated[Optional[Path], typer.Option(help="OWSM: feats_stats.npz, checked against the weights' "
+                                                                    "statistics (default: the config's, if present).")] = None,
                  json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
-    """Convert a pretrained Whisper once into prune-cli's own checkpoint (weights, tokenizer, hashes);
+    """Convert a pretrained Whisper or OWSM once into prune-cli's own checkpoint (weights, tokenizer, hashes);
     a recipe's model.pretrained then takes it, or the source itself."""
     with guarded(debug, json_out):
         from prune_cli.errors import UsageError
+        from prune_cli.model.owsm_import import is_owsm_source
         from prune_cli.model.s2t import count_params
-        from prune_cli.model.whisper_import import open_pretrained, save_imported
 
         if out.suffix != ".pt":
             raise UsageError(f"--out {out}: the converted checkpoint is a .pt file")
-        model, tok, src = open_pretrained(source)
-        save_imported(out, model, tok, src)
-        info = {"out": str(out), **src, "params": count_params(model), "dims": vars(model.dims),
+        if is_owsm_source(Path(source).expanduser()):
+            from prune_cli.model.owsm_import import find_files, read_owsm
+            from prune_cli.model.owsm_import import save_imported as save_owsm
+
+            files = find_files(Path(source).expanduser(), weights, bpe, stats)
+            model, tok = read_owsm(files)
+            src = {"source": str(Path(source).expanduser().resolve()), "format": "espnet",
+                   "config": str(files.config.resolve()), "weights": str(files.weights.resolve())}
+            save_owsm(out, model, tok, src)
+            name = "OWSM"
+        else:
+            if weights or bpe or stats:
+                raise UsageError("--weights, --bpe and --stats name the files of an OWSM (ESPnet) download")
+            from prune_cli.model.whisper_import import open_pretrained, save_imported
+
+            model, wtok, src = open_pretrained(source)
+            save_imported(out, model, wtok, src)
+            name = "Whisper"
+        info = {"out": str(out), "family": model.family, **src, "params": count_params(model), "dims": vars(model.dims),
                 "arch_hash": model.arch_hash(), "weights_hash": model.weights_hash()}
-        emit(info, json_out, lambda: print(f"{out}: Whisper from {src['source']} ({src['format']}), "
+        emit(info, json_out, lambda: print(f"{out}: {name} from {src['source']} ({src['format']}), "
                                            f"{info['params'] / 1e6:.1f}M parameters, weights {info['weights_hash']}"))

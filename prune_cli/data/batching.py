@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -14,6 +14,7 @@ from prune_cli.data.audio import load_audio
 from prune_cli.data.config import ContextDefaults
 from prune_cli.data.features import apply_cmvn, fbank
 from prune_cli.data.manifest import Utterance, read_any
+from prune_cli.data.owsm_features import owsm_frames
 from prune_cli.data.tokenizer import Tokenizer
 from prune_cli.data.whisper_features import whisper_frames
 from prune_cli.errors import DataError, MissingInputError
@@ -44,7 +45,15 @@ class SplitSpec:
     n_mels: int
     on_error: str  # fail | skip
     max_frames: int | None = None  # the longest input the model takes, in 10 ms frames
-    frontend: str = "fbank"  # fbank (kaldi, then CMVN) | whisper (Whisper's log-mel)
+    frontend: str = "fbank"  # fbank (kaldi, then CMVN) | whisper (Whisper's log-mel) | owsm (ESPnet's log-mel)
+
+
+# Stored features per front end (the 30-s ones stored short: see whisper_frames, owsm_frames).
+FRONTENDS: dict[str, Callable[[torch.Tensor, int, int], torch.Tensor]] = {
+    "fbank": fbank,
+    "whisper": lambda wav, sample_rate, n_mels: whisper_frames(wav, n_mels),
+    "owsm": lambda wav, sample_rate, n_mels: owsm_frames(wav, n_mels),
+}
 
 
 def load_split(spec: SplitSpec, cache: Path | None = None) -> Split:
@@ -87,7 +96,7 @@ def load_split(spec: SplitSpec, cache: Path | None = None) -> Split:
             actual = wav.shape[0] / spec.sample_rate
             if u.duration and abs(u.duration - actual) > 0.1 * actual:
                 off_duration.append(f"{u.where}: duration {u.duration:g} s, the audio is {actual:.2f} s")
-            f = whisper_frames(wav, spec.n_mels) if spec.frontend == "whisper" else fbank(wav, spec.sample_rate, spec.n_mels)
+            f = FRONTENDS[spec.frontend](wav, spec.sample_rate, spec.n_mels)
             if f.shape[0] < 8:
                 if fail:
                     raise DataError(f"{u.where}: audio too short ({wav.shape[0]} samples)")

@@ -61,6 +61,8 @@ def owsm_log_mel(wav: torch.Tensor, n_mels: int = 80, pad_to_30s: bool = True) -
 def owsm_frames(wav: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
     """OWSM's 30-s input, stored short: the frames up to the first one that is all padding. Every later frame equals
     that one, so padding with the last stored frame restores the 3001 frames exactly."""
+    if wav.shape[-1] > SPEECH_SAMPLES:
+        return owsm_log_mel(wav, n_mels, pad_to_30s=False)  # longer than OWSM takes: the caller's max_frames check rejects it
     feats = owsm_log_mel(wav, n_mels)
     same = (feats == feats[-1]).all(dim=1)
     run = int(same.flip(0).int().cumprod(0).sum())  # the trailing frames equal to the last

@@ -84,6 +84,10 @@ class Tokenizer:
             from prune_cli.data.whisper_tokenizer import WhisperTokenizer
 
             return WhisperTokenizer.from_blob(meta)  # type: ignore[return-value]
+        if meta.get("kind") == "owsm":
+            from prune_cli.data.owsm_tokenizer import OwsmTokenizer
+
+            return OwsmTokenizer.from_blob(meta)  # type: ignore[return-value]
         specials = meta.get("specials") or []
         if "tasks" in meta:
             vocab = ContextVocab(tuple(meta["tasks"]), tuple(meta["langs"]))

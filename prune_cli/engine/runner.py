@@ -58,7 +58,7 @@ def synthesize(r: Recipe) -> dict[str, Any]:
 
 
 def stage_base(s: Session) -> dict[str, Any]:
-    if s.is_whisper:  # a pretrained base is imported, not trained: no loop checkpoints to stamp
+    if s.is_pretrained:  # a pretrained base is imported, not trained: no loop checkpoints to stamp
         from prune_cli.engine.pretrained import import_pretrained_base
 
         return import_pretrained_base(s)
@@ -197,10 +197,10 @@ def run_stages(s: Session, stages: list[str], force: list[str], recipe_path: str
         missing = missing_eval_sets(s.recipe, synth_first="synth" in stages)
         if missing:
             raise MissingInputError(missing)
-    if s.is_whisper and base_due:  # before synth spends minutes: the pretrained model must be there to import
-        from prune_cli.model.whisper_import import pretrained_problem
+    if s.is_pretrained and base_due:  # before synth spends minutes: the pretrained model must be there to import
+        from prune_cli.engine.pretrained import pretrained_problem
 
-        problem = pretrained_problem(s.recipe.model.pretrained)
+        problem = pretrained_problem(s.recipe.model.family, s.recipe.model.pretrained)
         if problem:
             raise MissingInputError(f"model.pretrained: {problem}")
     for stage in stages:

@@ -19,6 +19,8 @@ from prune_cli.data.batching import InputSpec, Split, SplitSpec, load_split
 from prune_cli.data.config import ContextDefaults
 from prune_cli.data.features import compute_cmvn
 from prune_cli.data.manifest import split_fingerprint, split_path
+from prune_cli.data.owsm_features import OWSM_FRAMES
+from prune_cli.data.owsm_tokenizer import OwsmTokenizer
 from prune_cli.data.tokenizer import Tokenizer, train_tokenizer
 from prune_cli.data.whisper_features import CHUNK_FRAMES
 from prune_cli.data.whisper_tokenizer import WhisperTokenizer
@@ -28,6 +30,8 @@ from prune_cli.gating.masks import MaskFile
 from prune_cli.gating.predictor import GatePredictor, LabelVocab
 from prune_cli.model.checkpoint import load_model
 from prune_cli.model.gated import GatedModel
+from prune_cli.model.owsm import OwsmModel
+from prune_cli.model.owsm_import import OwsmTokenizerFiles
 from prune_cli.model.s2t import dims_from_recipe, max_input_frames
 from prune_cli.model.whisper import WhisperModel
 from prune_cli.model.whisper_import import TokenizerFiles
@@ -35,6 +39,8 @@ from prune_cli.progress import log
 from prune_cli.recipe_schema import Recipe
 from prune_cli.runs import RunDir
 from prune_cli.variants import CONTEXT, VARIANTS
+
+PRETRAINED_FAMILIES = ("whisper", "owsm")
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -85,10 +91,18 @@ class Session:
         return self.recipe.model.family == "whisper"
 
     @property
+    def is_pretrained(self) -> bool:
+        """A family whose base is imported (Whisper, OWSM), not trained."""
+        return self.recipe.model.family in PRETRAINED_FAMILIES
+
+    @property
     def inputs(self) -> InputSpec:
-        """How stored features become model input: CMVN for our own model, Whisper's 30-s padding for Whisper."""
+        """How stored features become model input: CMVN for our own model, Whisper's 30-s padding for Whisper (or
+        not: model.whisper_input), OWSM's 30 s always (its MVN is the model's)."""
         if self.is_whisper:
             return InputSpec(None, CHUNK_FRAMES if self.recipe.model.whisper_input == "padded" else None)
+        if self.recipe.model.family == "owsm":
+            return InputSpec(None, OWSM_FRAMES)
         return InputSpec(self.cmvn)
 
     def inputs_for(self, model: GatedModel) -> InputSpec:
@@ -100,7 +114,7 @@ class Session:
     @property
     def max_tokens(self) -> int:
         """The decoder's positions: prompt + text + end of text must fit."""
-        return self.dense_model().dims.max_len if self.is_whisper else self.recipe.model.max_len
+        return self.dense_model().dims.max_len if self.is_pretrained else self.recipe.model.max_len
 
     # ---- data
     def split(self, name: str) -> Split:
@@ -120,23 +134,28 @@ class Session:
             return Tokenizer.load(d)
         raise MissingInputError(f"{d}: tokenizer not found; it is trained by `prune-cli train RECIPE --stage base`")
 
-    def build_tokenizer(self, train: Split, pretrained: TokenizerFiles | None = None) -> Tokenizer:
+    def build_tokenizer(self, train: Split, pretrained: TokenizerFiles | OwsmTokenizerFiles | None = None) -> Tokenizer:
         d = self.run.tokenizer_dir
         if (d / "tokenizer.json").is_file():
             return Tokenizer.load(d)
-        if pretrained is not None:  # Whisper's own BPE; the context vocabulary is still the training data's
+        if pretrained is not None:  # the model's own tokenizer; the context vocabulary is still the training data's
             vocab = ContextVocab.build({u.task for u in train.utts}, {lg for u in train.utts for lg in (u.source_lang, u.target_lang)},
                                        self.recipe.data.synth.languages)
-            wtok = WhisperTokenizer(pretrained.bpe_json, vocab, pretrained.suppress, pretrained.suppress_begin)
+            if isinstance(pretrained, OwsmTokenizerFiles):
+                ptok: WhisperTokenizer | OwsmTokenizer = OwsmTokenizer(
+                    pretrained.sp_model, pretrained.token_list, vocab, pretrained.notime, pretrained.first_time, pretrained.last_time)
+                name = "OWSM"
+            else:
+                ptok, name = WhisperTokenizer(pretrained.bpe_json, vocab, pretrained.suppress, pretrained.suppress_begin), "Whisper"
             problems = sorted({f"{u.task}:{u.source_lang}-{u.target_lang}: {p}" for u in train.utts
-                               for p in wtok.context_problems(u.task, u.source_lang, u.target_lang)})
+                               for p in ptok.context_problems(u.task, u.source_lang, u.target_lang)})
             if problems:
-                raise DataError(problems + [f"{len(problems)} context(s) of the training data Whisper cannot be prompted with"])
+                raise DataError(problems + [f"{len(problems)} context(s) of the training data {name} cannot be prompted with"])
             if self.dist.is_main:
-                wtok.save(d)
-            log(f"tokenizer: Whisper's, {wtok.vocab_size} tokens; tasks {', '.join(vocab.tasks)}; languages {', '.join(vocab.langs)}")
-            self.__dict__["tokenizer"] = wtok
-            return wtok  # type: ignore[return-value]
+                ptok.save(d)
+            log(f"tokenizer: {name}'s, {ptok.vocab_size} tokens; tasks {', '.join(vocab.tasks)}; languages {', '.join(vocab.langs)}")
+            self.__dict__["tokenizer"] = ptok
+            return ptok  # type: ignore[return-value]
         texts = [u.text for u in train.utts] + [u.source_text for u in train.utts if u.source_text]
         # The context vocabulary is the training data's; the demo corpus's languages keep the recipe's order.
         vocab = ContextVocab.build({u.task for u in train.utts}, {lg for u in train.utts for lg in (u.source_lang, u.target_lang)},
@@ -156,7 +175,7 @@ class Session:
         return torch.load(p, weights_only=True)
 
     def build_cmvn(self, train: Split) -> dict[str, torch.Tensor] | None:
-        if self.is_whisper:  # Whisper's features are normalized by its front end
+        if self.is_pretrained:  # Whisper's features are normalized by its front end, OWSM's by the model
             return None
         if self.run.cmvn.is_file():
             return self.cmvn
@@ -195,7 +214,7 @@ class Session:
             if model.family != self.recipe.model.family:
                 raise CheckpointError(f"{path}: a {model.family} checkpoint, but the recipe's model.family is "
                                       f"{self.recipe.model.family}")
-            if isinstance(model, WhisperModel):
+            if isinstance(model, (WhisperModel, OwsmModel)):  # the checkpoint's dims are the pretrained model's
                 self.configure(model, untouched=path == self.run.base_ckpt)
                 want, have = {}, {}
             else:
@@ -260,11 +279,13 @@ def parse_context(key: str) -> ContextDefaults:
 
 
 def split_spec(recipe: Recipe, split: str) -> SplitSpec:
-    """What a split is read with: our fbank up to the E-Branchformer's positional table, or Whisper's log-mel up to 30 s."""
+    """What a split is read with: our fbank up to the E-Branchformer's positional table, or Whisper's or OWSM's
+    log-mel up to 30 s."""
     d = recipe.data
-    whisper = recipe.model.family == "whisper"
+    family = recipe.model.family
+    max_frames, frontend = {"whisper": (CHUNK_FRAMES, "whisper"), "owsm": (OWSM_FRAMES, "owsm")}.get(family, (max_input_frames(), "fbank"))
     return SplitSpec(split_path(d.manifest_dir, d.kaldi_dir, split), d.defaults, d.sample_rate, recipe.features.n_mels,
-                     d.on_error, CHUNK_FRAMES if whisper else max_input_frames(), "whisper" if whisper else "fbank")
+                     d.on_error, max_frames, frontend)
 
 
 def build_predictor(recipe: Recipe, n_modules: int, inputs: list[str], labels: LabelVocab, vocab: ContextVocab) -> GatePredictor:

@@ -8,14 +8,15 @@ from typing import Any, Union
 
 from prune_cli.atomic import atomic_torch_save, load_plain
 from prune_cli.errors import CheckpointError, MissingInputError, first_few
+from prune_cli.model.owsm import OwsmDims, OwsmModel
 from prune_cli.model.s2t import ModelDims, SpeechModel
 from prune_cli.model.whisper import WhisperDims, WhisperModel
 
-Model = Union[SpeechModel, WhisperModel]
+Model = Union[SpeechModel, WhisperModel, OwsmModel]
 
 
 def save_model(path: Path, model: Model, **extra: Any) -> None:
-    family = {"family": model.family} if isinstance(model, WhisperModel) else {}  # no key: the E-Branchformer
+    family = {"family": model.family} if not isinstance(model, SpeechModel) else {}  # no key: the E-Branchformer
     atomic_torch_save(path, {
         "kind": "prune-cli/model", **family, "dims": asdict(model.dims), "removed": sorted(model.removed),
         "state_dict": model.state_dict(), **extra,
@@ -34,8 +35,11 @@ def read_checkpoint(path: Path, kind: str, producer: str) -> dict[str, Any]:
 def load_model(path: Path, producer: str = "prune-cli train RECIPE") -> tuple[Model, dict[str, Any]]:
     blob = read_checkpoint(path, "prune-cli/model", producer)
     try:
-        if blob.get("family", "ebranchformer") == "whisper":
+        family = blob.get("family", "ebranchformer")
+        if family == "whisper":
             model: Model = WhisperModel(WhisperDims(**blob["dims"]), removed=blob["removed"])
+        elif family == "owsm":
+            model = OwsmModel(OwsmDims(**blob["dims"]), removed=blob["removed"])
         else:
             model = SpeechModel(ModelDims(**blob["dims"]), removed=blob["removed"])
         problems = model.weight_problems(blob["state_dict"])

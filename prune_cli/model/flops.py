@@ -36,7 +36,7 @@ _NO_ARITH = {
 
 
 # FlopCounterMode names modules "<RootClass>.<fqn>"; map our roots back to FQNs inside SpeechModel.
-_ROOTS = {"SpeechModel": "", "WhisperModel": "", "Encoder": "encoder", "Decoder": "decoder"}
+_ROOTS = {"SpeechModel": "", "WhisperModel": "", "OwsmModel": "", "Encoder": "encoder", "Decoder": "decoder"}
 
 
 class _OpRecorder(TorchDispatchMode):

@@ -152,13 +152,11 @@ def find_files(path: Path, weights: Path | None = None, bpe: Path | None = None,
     return OwsmFiles(config, weights, bpe, stats)
 
 
-def _check(section: str, conf: dict[str, Any], needs: dict[str, Any], defaults: dict[str, Any], source: Path) -> None:
-    bad = [f"{section}.{k}: {conf[k]!r} (prune-cli computes {v!r})" for k, v in needs.items()
+def _check(section: str, conf: dict[str, Any], needs: dict[str, Any], defaults: dict[str, Any], source: Path) -> list[str]:
+    bad = [f"{source}: {section}.{k}: {conf[k]!r} (prune-cli computes {v!r})" for k, v in needs.items()
            if k in conf and conf[k] != v and not (v is None and conf[k] in ([], None))]
-    bad += [f"{section}.{k}: default {defaults[k]!r} (prune-cli computes {v!r})" for k, v in needs.items()
-            if k not in conf and k in defaults and defaults[k] != v]
-    if bad:
-        raise CheckpointError([f"{source}: {b}" for b in bad] + [f"{source}: not an OWSM layout this importer computes"])
+    return bad + [f"{source}: {section}.{k}: default {defaults[k]!r} (prune-cli computes {v!r})" for k, v in needs.items()
+                  if k not in conf and k in defaults and defaults[k] != v]
 
 
 # (attention_layer_type, pos_enc_layer_type) -> relative positions
@@ -175,25 +173,26 @@ def read_config(path: Path) -> tuple[dict[str, Any], int]:
                       ("normalize", "global_mvn")):
         if cfg.get(key) != want:
             problems.append(f"{path}: {key} is {cfg.get(key)!r}; prune-cli reads OWSM's {want!r}")
-    if cfg.get("specaug") not in (None, "specaug"):
-        problems.append(f"{path}: specaug {cfg.get('specaug')!r}")
     for key in ("preencoder", "postencoder"):
         if cfg.get(key):
             problems.append(f"{path}: {key} {cfg.get(key)!r}; prune-cli reads models without one")
-    if problems:
-        raise CheckpointError(problems)
     enc = cfg.get("encoder_conf") or {}
-    _check("encoder_conf", enc, _ENCODER_NEEDS, _ENCODER_DEFAULTS, path)
+    problems += _check("encoder_conf", enc, _ENCODER_NEEDS, _ENCODER_DEFAULTS, path)
     attention = (enc.get("attention_layer_type", "rel_selfattn"), enc.get("pos_enc_layer_type", "rel_pos"))
     if attention not in _ATTENTION:
-        raise CheckpointError(f"{path}: encoder_conf attention_layer_type {attention[0]!r} with pos_enc_layer_type "
-                              f"{attention[1]!r}; prune-cli computes selfattn + abs_pos (OWSM v3.1) or rel_selfattn + rel_pos")
-    _check("decoder_conf", cfg.get("decoder_conf") or {}, _DECODER_NEEDS, {}, path)
+        problems.append(f"{path}: encoder_conf attention_layer_type {attention[0]!r} with pos_enc_layer_type {attention[1]!r}; "
+                        "prune-cli computes selfattn + abs_pos (OWSM v3.1) or rel_selfattn + rel_pos")
+    problems += _check("decoder_conf", cfg.get("decoder_conf") or {}, _DECODER_NEEDS, {}, path)
     front = cfg.get("frontend_conf") or {}
     fs = front.get("fs", SAMPLE_RATE)
-    if isinstance(fs, str):
-        fs = int(float(fs.lower().rstrip("k")) * 1000) if fs.lower().endswith("k") else int(fs)
-    _check("frontend_conf", {**front, "fs": fs}, _FRONTEND_NEEDS, {"hop_length": 128, "win_length": None}, path)
+    if isinstance(fs, str):  # ESPnet writes "16k"
+        try:
+            fs = int(float(fs.lower().rstrip("k")) * 1000) if fs.lower().endswith("k") else int(fs)
+        except ValueError:
+            pass  # compared as it is, and reported
+    problems += _check("frontend_conf", {**front, "fs": fs}, _FRONTEND_NEEDS, {"hop_length": 128, "win_length": None}, path)
+    if problems:
+        raise CheckpointError(problems + [f"{path}: not an OWSM layout this importer computes"])
     speech = (cfg.get("preprocessor_conf") or {}).get("speech_length", SPEECH_SECONDS)
     if speech != SPEECH_SECONDS:
         raise CheckpointError(f"{path}: preprocessor_conf.speech_length {speech}; prune-cli pads to OWSM's {SPEECH_SECONDS} s")
@@ -292,3 +291,60 @@ def global_mvn(stats: Path) -> tuple[torch.Tensor, torch.Tensor]:
     mean = s / count
     std = np.sqrt(np.maximum(sq / count - mean * mean, 1e-20))
     return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+
+
+# ---- the run's base: an OWSM download, or prune-cli's own converted checkpoint of one
+def pretrained_problem(ref: str) -> str | None:
+    """Why `model.pretrained` cannot be opened as an OWSM, found without reading the weights (None: it is there)."""
+    path = Path(ref).expanduser()
+    if not path.exists():
+        return f"{path}: not found (an OWSM download's directory, its config.yaml, or a `prune-cli model import` .pt)"
+    if path.is_file() and path.suffix == ".pt":
+        return None
+    try:
+        find_files(path)
+    except CheckpointError as e:
+        return e.problems[0]
+    return None
+
+
+def open_owsm(ref: str) -> tuple[OwsmModel, OwsmTokenizerFiles, dict[str, str]]:
+    """An OWSM download (its directory or config.yaml) or a converted .pt: the model, its tokenizer files, and
+    where they came from."""
+    from prune_cli.atomic import load_plain
+
+    path = Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".pt":
+        blob = load_plain(path, "OWSM checkpoint")
+        if not isinstance(blob, dict) or blob.get("kind") != "prune-cli/model" or blob.get("family") != "owsm" or "tokenizer" not in blob:
+            raise CheckpointError(f"{path}: not an OWSM imported by `prune-cli model import`")
+        model = OwsmModel(OwsmDims(**blob["dims"]))
+        problems = model.weight_problems(blob["state_dict"])
+        if problems:
+            raise CheckpointError(f"{path}: {len(problems)} tensor(s) do not fit the OWSM its dims describe: {first_few(problems)}")
+        model.load_state_dict(blob["state_dict"])
+        t = blob["tokenizer"]
+        return model.eval(), OwsmTokenizerFiles(t["sp_model"].numpy().tobytes(), list(t["token_list"]), t["notime"], t["first_time"],
+                                                t["last_time"]), dict(blob["source"])
+    files = find_files(path)
+    model, tok = read_owsm(files)
+    return model, tok, {"source": str(path.resolve()), "format": "espnet", "config": str(files.config.resolve()),
+                        "weights": str(files.weights.resolve())}
+
+
+def save_imported(out: Path, model: OwsmModel, tok: OwsmTokenizerFiles, source: dict[str, str]) -> None:
+    """The project's own checkpoint of an OWSM: weights (MVN statistics included), tokenizer and hashes in one file."""
+    from prune_cli.model.checkpoint import save_model
+
+    save_model(out, model, tokenizer={"sp_model": torch.frombuffer(bytearray(tok.sp_model), dtype=torch.uint8).clone(),
+                                      "token_list": tok.token_list, "notime": tok.notime, "first_time": tok.first_time,
+                                      "last_time": tok.last_time},
+               source=source, arch_hash=model.arch_hash(), weights_hash=model.weights_hash())
+
+
+def is_owsm_source(path: Path) -> bool:
+    """An ESPnet config file, or a directory with one and no Whisper files (config.json, model.bin) at its top."""
+    if path.is_file():
+        return path.suffix in (".yaml", ".yml")
+    return path.is_dir() and not (path / "config.json").is_file() and not (path / "model.bin").is_file() \
+        and any(path.rglob("config.yaml"))
